@@ -1,0 +1,9 @@
+"""megdet_tf: MegDet large mini-batch object detection in TensorFlow/Keras.
+
+Model Garden (`official.vision`) is built on Keras 2 (`tf_keras`); setting
+`TF_USE_LEGACY_KERAS` before TensorFlow is imported makes `tf.keras` resolve to
+it everywhere in the project.
+"""
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"

@@ -1,0 +1,123 @@
+"""The tf.data pipeline: TFRecord shards -> decoded -> parsed -> batched.
+
+One `InputReader` per split (Gin scopes `train/` and `eval/`). Under a
+`tf.distribute` strategy, `distribute(strategy)` builds one pipeline per
+worker through `distribute_datasets_from_function`: each worker reads a
+disjoint set of shards (or, with fewer shards than workers, every
+`num_input_pipelines`-th record), so each example is seen exactly once per
+epoch across workers, and batches per replica.
+"""
+from typing import Optional
+
+import gin
+import tensorflow as tf
+
+from official.vision.dataloaders import tf_example_decoder
+
+from megdet_tf.dataloaders.detection_parser import DetectionParser
+
+
+@gin.configurable
+class InputReader:
+  """Builds the training or evaluation dataset of one split."""
+
+  def __init__(self,
+               file_pattern: str = gin.REQUIRED,
+               global_batch_size: int = gin.REQUIRED,
+               is_training: bool = True,
+               parser: Optional[DetectionParser] = None,
+               drop_images_without_boxes: bool = True,
+               shuffle_buffer_size: int = 1000,
+               cycle_length: int = 8,
+               deterministic: bool = False,
+               seed: Optional[int] = None,
+               cache_decoded: bool = False):
+    """Initializes the reader.
+
+    Args:
+      file_pattern: glob of TFRecord shards (comma-separated for several).
+      global_batch_size: images per step over all replicas.
+      is_training: shuffle, repeat, augment and drop the last partial batch.
+      parser: `DetectionParser`; Gin's if None.
+      drop_images_without_boxes: skip training images with no non-crowd box.
+      shuffle_buffer_size: examples in the training shuffle buffer.
+      cycle_length: shards read in parallel.
+      deterministic: same elements in the same order on every run (for tests
+        and reproducible runs); slower, parsing runs sequentially. Random
+        augmentation repeats when `DetectionParser.seed` is set too.
+      seed: shuffle seed; required with `deterministic` in training.
+      cache_decoded: keep decoded examples in memory after the first epoch
+        (small datasets such as the demo).
+    """
+    if deterministic and is_training and seed is None:
+      raise ValueError("InputReader.deterministic training needs a seed")
+    self.file_pattern = file_pattern
+    self.global_batch_size = global_batch_size
+    self.is_training = is_training
+    self.parser = parser or DetectionParser()
+    self._drop_images_without_boxes = drop_images_without_boxes
+    self._shuffle_buffer_size = shuffle_buffer_size
+    self._cycle_length = cycle_length
+    self._deterministic = deterministic
+    self._seed = seed
+    self._cache_decoded = cache_decoded
+    self._decoder = tf_example_decoder.TfExampleDecoder()
+
+  def files(self) -> list:
+    """The shard paths, sorted; a clear error when none match."""
+    paths = sorted(path for pattern in self.file_pattern.split(",")
+                   for path in tf.io.gfile.glob(pattern.strip()))
+    if not paths:
+      raise FileNotFoundError(
+          f"No TFRecord files match InputReader.file_pattern="
+          f"{self.file_pattern!r}. Convert the dataset first with "
+          "tools/create_coco_tfrecord.py (see README) or fix the pattern.")
+    return paths
+
+  def __call__(self, input_context: Optional[tf.distribute.InputContext] = None
+               ) -> tf.data.Dataset:
+    """The dataset of one input pipeline, batched per replica."""
+    batch_size = self.global_batch_size
+    num_pipelines, pipeline_id = 1, 0
+    if input_context:
+      batch_size = input_context.get_per_replica_batch_size(batch_size)
+      num_pipelines = input_context.num_input_pipelines
+      pipeline_id = input_context.input_pipeline_id
+    parallel = None if self._deterministic else tf.data.AUTOTUNE
+
+    files = self.files()
+    shard_files = len(files) >= num_pipelines
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if shard_files:
+      dataset = dataset.shard(num_pipelines, pipeline_id)
+    if self.is_training:
+      dataset = dataset.shuffle(len(files), seed=self._seed)
+    # Sharding records needs the same record order in every pipeline.
+    dataset = dataset.interleave(
+        tf.data.TFRecordDataset, cycle_length=self._cycle_length,
+        num_parallel_calls=parallel or tf.data.AUTOTUNE,
+        deterministic=self._deterministic or not shard_files or None)
+    if not shard_files:
+      dataset = dataset.shard(num_pipelines, pipeline_id)
+
+    dataset = dataset.map(self._decoder.decode, num_parallel_calls=parallel)
+    if self.is_training and self._drop_images_without_boxes:
+      dataset = dataset.filter(self.parser.has_boxes)
+    if self._cache_decoded:
+      dataset = dataset.cache()
+    if self.is_training:
+      dataset = dataset.shuffle(self._shuffle_buffer_size, seed=self._seed)
+      dataset = dataset.repeat()
+    dataset = dataset.map(self.parser.parse_fn(self.is_training),
+                          num_parallel_calls=parallel)
+    dataset = dataset.batch(batch_size, drop_remainder=self.is_training,
+                            num_parallel_calls=parallel)
+    options = tf.data.Options()
+    options.deterministic = self._deterministic
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF)
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  def distribute(self, strategy: tf.distribute.Strategy):
+    """Per-replica batches for `strategy` (one pipeline per worker)."""
+    return strategy.distribute_datasets_from_function(self)

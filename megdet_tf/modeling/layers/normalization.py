@@ -1,0 +1,88 @@
+"""The one place that decides which normalization the detector uses.
+
+Detectron2's `get_norm` idea: every layer that normalizes asks `build_norm`
+for its layer, and Gin (`gin/norm/*.gin`) chooses the kind once for the whole
+detector:
+
+- `frozen`: affine transform with fixed statistics and fixed scale/offset, the
+  paper's "BN 0" baseline that keeps ImageNet statistics;
+- `bn`: ordinary per-replica batch normalization;
+- `cgbn`: MegDet's cross-GPU BN, statistics over `group_size` replicas.
+"""
+from typing import Optional
+
+import gin
+import tensorflow as tf
+
+NORMS = ("frozen", "bn", "cgbn")
+
+
+@tf.keras.utils.register_keras_serializable(package="megdet_tf")
+class FrozenBatchNormalization(tf.keras.layers.BatchNormalization):
+  """Batch normalization that always uses its moving statistics.
+
+  Its variables are never trainable and a training step never changes them,
+  even if a parent layer is later set `trainable=True`.
+  """
+
+  def __init__(self, **kwargs):
+    kwargs["trainable"] = False
+    super().__init__(**kwargs)
+
+  @property
+  def trainable(self):
+    return False
+
+  @trainable.setter
+  def trainable(self, value):
+    del value  # Frozen by definition.
+
+  def call(self, inputs, training=None):
+    del training
+    return super().call(inputs, training=False)
+
+
+@gin.configurable
+def build_norm(norm: str = "frozen",
+               group_size: Optional[int] = None,
+               momentum: float = 0.9,
+               epsilon: float = 1e-5,
+               name: Optional[str] = None,
+               **kwargs) -> tf.keras.layers.Layer:
+  """Returns the normalization layer every detector layer should use.
+
+  Args:
+    norm: one of `frozen`, `bn`, `cgbn`.
+    group_size: replicas per BN group for `cgbn`; None = the replicas of the
+      local worker (the paper's "one machine" rule).
+    momentum: moving-statistics momentum.
+    epsilon: added to the variance.
+    name: layer name (kept stable so checkpoints load across norm kinds).
+    **kwargs: passed to the layer (e.g. `gamma_initializer`).
+  """
+  common = dict(momentum=momentum, epsilon=epsilon, name=name, **kwargs)
+  if norm == "frozen":
+    return FrozenBatchNormalization(**common)
+  if norm == "bn":
+    return tf.keras.layers.BatchNormalization(**common)
+  if norm == "cgbn":
+    from megdet_tf.modeling.layers import cross_replica_batch_norm  # pylint: disable=g-import-not-at-top
+    return cross_replica_batch_norm.CrossReplicaBatchNormalization(
+        group_size=group_size, **common)
+  raise ValueError(f"build_norm.norm must be one of {NORMS}, got {norm!r}")
+
+
+@gin.configurable
+def bn_size(per_replica_batch_size: int,
+            norm: str = "frozen",
+            group_size: Optional[int] = None,
+            replicas_per_worker: int = 1) -> int:
+  """Images whose statistics one BN group shares (the paper's "BN size").
+
+  0 for frozen BN, which has no batch statistics.
+  """
+  if norm == "frozen":
+    return 0
+  if norm == "bn":
+    return per_replica_batch_size
+  return per_replica_batch_size * (group_size or replicas_per_worker)

@@ -1,0 +1,100 @@
+"""Tests for InputReader: sharding, batching and clear errors."""
+import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official.vision.data import tf_example_builder
+
+from megdet_tf.dataloaders.category_map import CategoryMap
+from megdet_tf.dataloaders.detection_parser import DetectionParser
+from megdet_tf.dataloaders.input_reader import InputReader
+
+NUM_IMAGES = 10
+
+
+def write_shards(directory, num_shards):
+  """Writes NUM_IMAGES examples (source ids 1..N; image 5 has no box)."""
+  writers = [tf.io.TFRecordWriter(str(directory / f"s-{i:05d}.tfrecord"))
+             for i in range(num_shards)]
+  rng = np.random.default_rng(0)
+  for image_id in range(1, NUM_IMAGES + 1):
+    builder = tf_example_builder.TfExampleBuilder()
+    builder.add_image_matrix_feature(
+        rng.integers(0, 255, (40, 60, 3), np.uint8), "PNG",
+        str(image_id).encode())
+    num_boxes = 0 if image_id == 5 else 2
+    builder.add_boxes_feature([0.1] * num_boxes, [0.6] * num_boxes,
+                              [0.2] * num_boxes, [0.9] * num_boxes,
+                              [7] * num_boxes)
+    writers[image_id % num_shards].write(builder.example.SerializeToString())
+  for writer in writers:
+    writer.close()
+  return str(directory / "s-*.tfrecord")
+
+
+def make_reader(pattern, **kwargs):
+  parser = DetectionParser(category_map=CategoryMap([7]), short_side=32,
+                           long_side=64, min_level=2, max_level=4,
+                           seed=kwargs.get("seed"))
+  return InputReader(file_pattern=pattern, parser=parser, **kwargs)
+
+
+def source_ids(dataset):
+  return [int(i) for images, labels in dataset
+          for i in labels["source_id"].numpy()]
+
+
+@pytest.mark.parametrize("num_shards,num_pipelines", [(4, 2), (4, 4), (2, 3)])
+def test_each_example_exactly_once_across_pipelines(tmp_path, num_shards,
+                                                    num_pipelines):
+  reader = make_reader(write_shards(tmp_path, num_shards), is_training=False,
+                       global_batch_size=2 * num_pipelines)
+  seen = []
+  for pipeline_id in range(num_pipelines):
+    context = tf.distribute.InputContext(num_pipelines, pipeline_id,
+                                         num_replicas_in_sync=num_pipelines)
+    seen += source_ids(reader(context))
+  assert sorted(seen) == list(range(1, NUM_IMAGES + 1))
+
+
+def test_training_batches_and_drops_images_without_boxes(tmp_path):
+  reader = make_reader(write_shards(tmp_path, 3), is_training=True,
+                       global_batch_size=3, deterministic=True, seed=1)
+  batches = list(reader().take(6))
+  images, labels = batches[0]
+  assert images.shape == (3, 64, 64, 3) and images.dtype == tf.float32
+  assert labels["gt_boxes"].shape == (3, 100, 4)
+  assert labels["image_info"].shape == (3, 4, 2)
+  assert labels["rpn_score_targets"]["2"].shape == (3, 16, 16, 3)
+  for _, labels in batches:
+    assert (labels["gt_classes"].numpy()[:, :2] == 1).all()
+
+
+def test_deterministic_mode_repeats_exactly(tmp_path):
+  pattern = write_shards(tmp_path, 3)
+  def first_images():
+    reader = make_reader(pattern, is_training=True, global_batch_size=2,
+                         deterministic=True, seed=3)
+    return np.concatenate([b[0].numpy() for b in reader().take(4)])
+  np.testing.assert_array_equal(first_images(), first_images())
+
+
+def test_per_replica_batches_under_mirrored_strategy(tmp_path):
+  reader = make_reader(write_shards(tmp_path, 2), is_training=False,
+                       global_batch_size=4)
+  strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+  images, _ = next(iter(reader.distribute(strategy)))
+  assert images.shape[0] == 4
+
+
+def test_missing_files_is_a_clear_error(tmp_path):
+  reader = make_reader(str(tmp_path / "nothing-*.tfrecord"),
+                       global_batch_size=2)
+  with pytest.raises(FileNotFoundError, match="create_coco_tfrecord"):
+    reader()
+
+
+def test_deterministic_training_needs_a_seed(tmp_path):
+  with pytest.raises(ValueError, match="seed"):
+    make_reader("x", global_batch_size=2, deterministic=True)
