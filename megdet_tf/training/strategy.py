@@ -1,0 +1,71 @@
+"""Distribution strategies for MegDet training, chosen by Gin.
+
+- `one_device`: the first GPU, or the CPU.
+- `mirrored`: all local GPUs with NCCL all-reduce; without GPUs, the CPU is
+  split into `num_cpu_replicas` logical devices so that multi-replica
+  training (and cross-replica BN) can be tried on a laptop.
+- `multi_worker`: `MultiWorkerMirroredStrategy` from `TF_CONFIG`, NCCL on
+  GPUs, and a collective timeout so that a dead peer ends the job with an
+  error instead of a hang.
+
+Logical CPU devices can only be configured before TensorFlow initialises its
+runtime, so build the strategy before anything else touches a device.
+"""
+import gin
+import tensorflow as tf
+
+STRATEGIES = ("one_device", "mirrored", "multi_worker")
+
+
+def split_cpu(num_replicas: int) -> list:
+  """Splits the physical CPU into `num_replicas` logical devices."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  configured = tf.config.get_logical_device_configuration(cpu)
+  if configured is None or len(configured) != num_replicas:
+    try:
+      tf.config.set_logical_device_configuration(
+          cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+    except RuntimeError as e:
+      raise RuntimeError(
+          f"Cannot split the CPU into {num_replicas} replicas: TensorFlow's "
+          "runtime is already initialised. Build the strategy before any "
+          "other TensorFlow work.") from e
+  return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+@gin.configurable
+def build_strategy(kind: str = "mirrored",
+                   num_cpu_replicas: int = 1,
+                   collective_timeout_seconds: float = 600.0
+                   ) -> tf.distribute.Strategy:
+  """Returns the strategy that trains (and evaluates) the detector.
+
+  Args:
+    kind: one of `one_device`, `mirrored`, `multi_worker`.
+    num_cpu_replicas: replicas per machine when it has no GPU (`mirrored`,
+      and `multi_worker` via `multi_worker_devices`).
+    collective_timeout_seconds: `multi_worker` collectives that wait longer
+      than this fail (a dead worker then stops the job).
+  """
+  gpus = tf.config.list_physical_devices("GPU")
+  if kind == "one_device":
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  if kind == "mirrored":
+    if gpus:
+      return tf.distribute.MirroredStrategy(
+          cross_device_ops=tf.distribute.NcclAllReduce())
+    return tf.distribute.MirroredStrategy(devices=split_cpu(num_cpu_replicas))
+  if kind == "multi_worker":
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=(tf.distribute.experimental.CommunicationImplementation
+                        .NCCL if gpus else tf.distribute.experimental
+                        .CommunicationImplementation.AUTO),
+        timeout_seconds=collective_timeout_seconds)
+    if gpus or num_cpu_replicas == 1:
+      return tf.distribute.MultiWorkerMirroredStrategy(
+          communication_options=options)
+    from megdet_tf.training import multi_worker_devices  # pylint: disable=g-import-not-at-top
+    return multi_worker_devices.multi_worker_strategy_with_local_replicas(
+        num_cpu_replicas, communication_options=options)
+  raise ValueError(f"build_strategy.kind must be one of {STRATEGIES}, "
+                   f"got {kind!r}")
