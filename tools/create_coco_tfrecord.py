@@ -1,0 +1,55 @@
+r"""Converts a COCO split (instances json + images) to sharded TFRecords.
+
+  python tools/create_coco_tfrecord.py \
+    --image_dir=data/coco/val2017 \
+    --annotations_file=data/coco/annotations/instances_val2017.json \
+    --output_prefix=data/coco/tfrecords/val --num_shards=8
+
+writes data/coco/tfrecords/val-0000{0..7}-of-00008.tfrecord in Model Garden's
+TF Example format and prints a summary. Boxes crossing the image border are
+clipped and kept, boxes with no area left are dropped, crowd boxes are kept
+and flagged, images without boxes are kept. A missing image file is skipped
+and listed in the summary; if none of the images exists it is an error.
+See megdet_tf/dataloaders/coco_tfrecord.py.
+"""
+import sys
+
+import megdet_tf  # pylint: disable=unused-import  # Before TensorFlow.
+
+from absl import app
+from absl import flags
+
+from megdet_tf.dataloaders import coco_tfrecord
+
+_IMAGE_DIR = flags.DEFINE_string(
+    "image_dir", None,
+    "Directory with the split's images (e.g. val2017/). Images of the json "
+    "missing here are skipped and listed in the summary.")
+_ANNOTATIONS_FILE = flags.DEFINE_string(
+    "annotations_file", None,
+    "COCO instances json of the split (e.g. instances_val2017.json).")
+_OUTPUT_PREFIX = flags.DEFINE_string(
+    "output_prefix", None,
+    "Shards are written to PREFIX-00000-of-0000K.tfrecord; directories are "
+    "created.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", 32,
+    "Number of output files. Use at least as many as input workers.")
+flags.mark_flags_as_required(["image_dir", "annotations_file",
+                              "output_prefix"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    summary = coco_tfrecord.convert_coco(
+        _IMAGE_DIR.value, _ANNOTATIONS_FILE.value, _OUTPUT_PREFIX.value,
+        _NUM_SHARDS.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"create_coco_tfrecord: {e}")
+  print(summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
