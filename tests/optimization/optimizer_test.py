@@ -1,0 +1,143 @@
+"""Tests of the training optimizer driven by the MegDet schedule."""
+import os
+
+from absl.testing import parameterized
+import gin
+import megdet_tf  # noqa: F401  pylint: disable=unused-import
+import numpy as np
+import tensorflow as tf
+
+from megdet_tf import optimization
+
+
+def _schedule():
+  """0.1 · 2/1 = 0.2 peak, warmup 0.1 -> 0.2 over 2 steps, ×0.1 from step 3."""
+  return optimization.WarmupLinearScaling(
+      base_learning_rate=0.1, reference_batch_size=1, global_batch_size=2,
+      warmup_steps=2, boundaries=(3,), multipliers=(0.1,))
+
+
+def _train(optimizer, variable, steps, loss_fn):
+  """Runs `steps` updates in a tf.function, as the training loop does."""
+
+  @tf.function
+  def step():
+    with tf.GradientTape() as tape:
+      loss = loss_fn(variable)
+    optimizer.apply_gradients([(tape.gradient(loss, variable), variable)])
+
+  for _ in range(steps):
+    step()
+
+
+def _quadratic(variable):
+  return 0.5 * tf.reduce_sum(tf.square(variable))  # Gradient = variable.
+
+
+class BuildTrainingOptimizerTest(tf.test.TestCase, parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    gin.clear_config()
+    self.addCleanup(gin.clear_config)
+
+  def test_sgd_momentum_update(self):
+    schedule = _schedule()
+    optimizer = optimization.build_training_optimizer(schedule)
+    self.assertIsInstance(optimizer, tf.keras.optimizers.SGD)
+    w0 = np.array([1.0, -2.0])
+    variable = tf.Variable(w0, dtype=tf.float32)
+    _train(optimizer, variable, 2, _quadratic)
+    # Heavy-ball momentum with the rate inside the velocity (as in the
+    # paper's Caffe-style SGD): v <- 0.9 v - lr(s) g, w <- w + v.
+    lr0, lr1 = 0.1, 0.15  # Warmup: steps 0 and 1 of 0.1 -> 0.2.
+    v1 = -lr0 * w0
+    w1 = w0 + v1
+    w2 = w1 + 0.9 * v1 - lr1 * w1
+    self.assertAllClose(variable, w2)
+    self.assertEqual(int(optimizer.iterations), 2)
+
+  def test_update_at_step_k_uses_schedule_of_k(self):
+    schedule = _schedule()
+    optimizer = optimization.build_training_optimizer(schedule, momentum=0.0)
+    variable = tf.Variable([0.0])
+    positions = [0.0]
+    for _ in range(5):
+      _train(optimizer, variable, 1, tf.reduce_sum)  # Gradient = 1.
+      positions.append(float(variable[0]))
+    self.assertAllClose(-np.diff(positions),
+                        [float(schedule(k)) for k in range(5)])
+    self.assertAllClose(-np.diff(positions), [0.1, 0.15, 0.2, 0.02, 0.02])
+
+  def test_resume_from_checkpoint_continues_schedule_and_momentum(self):
+    directory = self.get_temp_dir()
+    variable = tf.Variable([1.0, -2.0])
+    optimizer = optimization.build_training_optimizer(_schedule())
+    _train(optimizer, variable, 2, _quadratic)
+    path = tf.train.Checkpoint(variable=variable, optimizer=optimizer).save(
+        os.path.join(directory, "ckpt"))
+    _train(optimizer, variable, 2, _quadratic)
+
+    resumed_variable = tf.Variable([0.0, 0.0])
+    resumed = optimization.build_training_optimizer(_schedule())
+    tf.train.Checkpoint(variable=resumed_variable, optimizer=resumed).restore(
+        path).assert_existing_objects_matched()
+    self.assertEqual(int(resumed.iterations), 2)
+    _train(resumed, resumed_variable, 2, _quadratic)
+    self.assertAllClose(resumed_variable, variable)
+
+  def test_config_round_trip_keeps_schedule(self):
+    schedule = _schedule()
+    optimizer = optimization.build_training_optimizer(schedule)
+    config = optimizer.get_config()
+    self.assertEqual(config["learning_rate"]["registered_name"],
+                     "megdet_tf>WarmupLinearScaling")
+    restored = tf.keras.optimizers.SGD.from_config(dict(config))
+    self.assertEqual(restored.get_config(), config)
+    variables = [tf.Variable([1.0, -2.0]) for _ in range(2)]
+    for opt, variable in zip((optimizer, restored), variables):
+      _train(opt, variable, 3, _quadratic)
+    self.assertAllClose(*variables)
+
+  def test_global_clipnorm(self):
+    optimizer = optimization.build_training_optimizer(
+        1.0, momentum=0.0, global_clipnorm=1.0)
+    variable = tf.Variable([3.0, 4.0])
+    _train(optimizer, variable, 1, _quadratic)  # Gradient norm 5 -> 1.
+    self.assertAllClose(variable, [3.0 - 0.6, 4.0 - 0.8])
+
+  def test_loss_scale_optimizer(self):
+    optimizer = tf.keras.mixed_precision.LossScaleOptimizer(
+        optimization.build_training_optimizer(_schedule(), momentum=0.0))
+    variable = tf.Variable([1.0, -2.0])
+
+    @tf.function
+    def step():
+      with tf.GradientTape() as tape:
+        loss = optimizer.get_scaled_loss(_quadratic(variable))
+      grads = optimizer.get_unscaled_gradients(tape.gradient(loss, [variable]))
+      optimizer.apply_gradients(zip(grads, [variable]))
+
+    step()
+    self.assertAllClose(variable, [1.0 - 0.1, -2.0 + 0.2])
+
+  @parameterized.parameters("lars", "lamb")
+  def test_large_batch_optimizers(self, name):
+    optimizer = optimization.build_training_optimizer(_schedule(),
+                                                      optimizer=name)
+    variable = tf.Variable([1.0, -2.0])
+    _train(optimizer, variable, 2, _quadratic)
+    # Both shrink a quadratic's weights towards 0 without overshooting here.
+    self.assertAllInRange(np.abs(variable.numpy()) / [1.0, 2.0], 0.0, 0.9999)
+    self.assertEqual(int(optimizer.iterations), 2)
+
+  def test_invalid_arguments(self):
+    with self.assertRaisesRegex(ValueError, "optimizer must be one of"):
+      optimization.build_training_optimizer(0.1, optimizer="adam")
+    with self.assertRaisesRegex(ValueError, "at most one of"):
+      optimization.build_training_optimizer(0.1, clipnorm=1.0,
+                                            global_clipnorm=1.0)
+
+
+if __name__ == "__main__":
+  tf.test.main()
