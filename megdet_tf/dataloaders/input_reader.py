@@ -31,7 +31,10 @@ class InputReader:
                cycle_length: int = 8,
                deterministic: bool = False,
                seed: Optional[int] = None,
-               cache_decoded: bool = False):
+               cache_decoded: bool = False,
+               missing_data_help: str = (
+                   "Convert the dataset first with "
+                   "tools/create_coco_tfrecord.py (see README).")):
     """Initializes the reader.
 
     Args:
@@ -48,6 +51,8 @@ class InputReader:
       seed: shuffle seed; required with `deterministic` in training.
       cache_decoded: keep decoded examples in memory after the first epoch
         (small datasets such as the demo).
+      missing_data_help: what to do when no file matches (data Gin files say
+        where their dataset is expected and how to make it).
     """
     if deterministic and is_training and seed is None:
       raise ValueError("InputReader.deterministic training needs a seed")
@@ -61,6 +66,7 @@ class InputReader:
     self._deterministic = deterministic
     self._seed = seed
     self._cache_decoded = cache_decoded
+    self._missing_data_help = missing_data_help
     self._decoder = tf_example_decoder.TfExampleDecoder()
 
   def files(self) -> list:
@@ -70,8 +76,7 @@ class InputReader:
     if not paths:
       raise FileNotFoundError(
           f"No TFRecord files match InputReader.file_pattern="
-          f"{self.file_pattern!r}. Convert the dataset first with "
-          "tools/create_coco_tfrecord.py (see README) or fix the pattern.")
+          f"{self.file_pattern!r}. {self._missing_data_help}")
     return paths
 
   def __call__(self, input_context: Optional[tf.distribute.InputContext] = None

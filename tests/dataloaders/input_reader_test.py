@@ -93,6 +93,10 @@ def test_missing_files_is_a_clear_error(tmp_path):
                        global_batch_size=2)
   with pytest.raises(FileNotFoundError, match="create_coco_tfrecord"):
     reader()
+  reader = make_reader("nothing", global_batch_size=2,
+                       missing_data_help="Run make_data.sh.")
+  with pytest.raises(FileNotFoundError, match="'nothing'. Run make_data.sh."):
+    reader()
 
 
 def test_deterministic_training_needs_a_seed(tmp_path):
