@@ -47,7 +47,8 @@ class InputReader:
       cycle_length: shards read in parallel.
       deterministic: same elements in the same order on every run (for tests
         and reproducible runs); slower, parsing runs sequentially. Random
-        augmentation repeats when `DetectionParser.seed` is set too.
+        augmentation repeats when `DetectionParser.seed` is set too, and a run
+        resumed at step s reads what an uninterrupted run would have.
       seed: shuffle seed; required with `deterministic` in training.
       cache_decoded: keep decoded examples in memory after the first epoch
         (small datasets such as the demo).
@@ -79,15 +80,44 @@ class InputReader:
           f"{self.file_pattern!r}. {self._missing_data_help}")
     return paths
 
-  def __call__(self, input_context: Optional[tf.distribute.InputContext] = None
-               ) -> tf.data.Dataset:
-    """The dataset of one input pipeline, batched per replica."""
+  def check_files(self) -> list:
+    """`files()`, each checked to start with a readable TF Example.
+
+    Reads one record per file without starting TensorFlow's device runtime,
+    so it can run before a strategy splits the CPU into logical devices.
+    """
+    paths = self.files()
+    for path in paths:
+      try:
+        for record in tf.compat.v1.io.tf_record_iterator(path):
+          tf.train.Example.FromString(record)
+          break
+      except (tf.errors.OpError, ValueError) as e:
+        message = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        raise ValueError(
+            f"{path} (matched by InputReader.file_pattern="
+            f"{self.file_pattern!r}) is not a TFRecord of TF Examples: "
+            f"{message}. Re-create it with tools/create_coco_tfrecord.py or "
+            "fix the pattern.") from None
+    return paths
+
+  def __call__(self, input_context: Optional[tf.distribute.InputContext] = None,
+               start_step: int = 0) -> tf.data.Dataset:
+    """The dataset of one input pipeline, batched per replica.
+
+    Args:
+      input_context: the strategy's, for sharding and per-replica batches.
+      start_step: in deterministic training, skip the batches that steps
+        0..start_step-1 consumed (resuming from a checkpoint).
+    """
     batch_size = self.global_batch_size
-    num_pipelines, pipeline_id = 1, 0
+    num_pipelines, pipeline_id, replicas_per_pipeline = 1, 0, 1
     if input_context:
       batch_size = input_context.get_per_replica_batch_size(batch_size)
       num_pipelines = input_context.num_input_pipelines
       pipeline_id = input_context.input_pipeline_id
+      replicas_per_pipeline = (input_context.num_replicas_in_sync //
+                               num_pipelines)
     parallel = None if self._deterministic else tf.data.AUTOTUNE
 
     files = self.files()
@@ -117,12 +147,15 @@ class InputReader:
                           num_parallel_calls=parallel)
     dataset = dataset.batch(batch_size, drop_remainder=self.is_training,
                             num_parallel_calls=parallel)
+    if self._deterministic and start_step:
+      dataset = dataset.skip(start_step * replicas_per_pipeline)
     options = tf.data.Options()
     options.deterministic = self._deterministic
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF)
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
-  def distribute(self, strategy: tf.distribute.Strategy):
+  def distribute(self, strategy: tf.distribute.Strategy, start_step: int = 0):
     """Per-replica batches for `strategy` (one pipeline per worker)."""
-    return strategy.distribute_datasets_from_function(self)
+    return strategy.distribute_datasets_from_function(
+        lambda context: self(context, start_step))

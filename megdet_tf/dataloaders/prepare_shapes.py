@@ -1,6 +1,6 @@
 """Makes the demo's shapes dataset ready: generated, converted, in place.
 
-Used by `tools/train.py` (`run.prepare_data` in `gin/demo.gin`) so that the
+Used by `tools/train.py` (`build_trainer.prepare_data` in `gin/demo.gin`) so that the
 demo runs on a fresh machine. Everything is written to `DIR.partial` and
 renamed to `DIR` at the end, so an interrupted run never leaves a
 half-written dataset that a later run would take for complete.

@@ -102,3 +102,21 @@ def test_missing_files_is_a_clear_error(tmp_path):
 def test_deterministic_training_needs_a_seed(tmp_path):
   with pytest.raises(ValueError, match="seed"):
     make_reader("x", global_batch_size=2, deterministic=True)
+
+
+def test_a_file_that_is_not_a_tfrecord_is_named(tmp_path):
+  pattern = write_shards(tmp_path, 2)
+  (tmp_path / "s-00009.tfrecord").write_text('{"images": []}')
+  reader = make_reader(pattern, global_batch_size=2)
+  with pytest.raises(ValueError, match="s-00009.tfrecord .* is not a TFRecord"):
+    reader.check_files()
+  (tmp_path / "s-00009.tfrecord").unlink()
+  assert len(reader.check_files()) == 2
+
+
+def test_deterministic_resume_reads_what_an_uninterrupted_run_reads(tmp_path):
+  reader = make_reader(write_shards(tmp_path, 3), is_training=True,
+                       global_batch_size=2, deterministic=True, seed=5)
+  uninterrupted = [b[0].numpy() for b in reader().take(5)]
+  resumed = [b[0].numpy() for b in reader(start_step=3).take(2)]
+  np.testing.assert_array_equal(np.stack(uninterrupted[3:]), np.stack(resumed))

@@ -1,0 +1,6 @@
+"""Layers shared by the detector: normalization chosen in one place."""
+from megdet_tf.modeling.layers.cross_replica_batch_norm import (
+    CrossReplicaBatchNormalization)
+from megdet_tf.modeling.layers.normalization import bn_size
+from megdet_tf.modeling.layers.normalization import build_norm
+from megdet_tf.modeling.layers.normalization import FrozenBatchNormalization

@@ -9,10 +9,13 @@ detector:
 - `bn`: ordinary per-replica batch normalization;
 - `cgbn`: MegDet's cross-GPU BN, statistics over `group_size` replicas.
 """
+import inspect
 from typing import Optional
 
 import gin
 import tensorflow as tf
+
+from megdet_tf.modeling.layers import cross_replica_batch_norm
 
 NORMS = ("frozen", "bn", "cgbn")
 
@@ -66,21 +69,30 @@ def build_norm(norm: str = "frozen",
   if norm == "bn":
     return tf.keras.layers.BatchNormalization(**common)
   if norm == "cgbn":
-    from megdet_tf.modeling.layers import cross_replica_batch_norm  # pylint: disable=g-import-not-at-top
     return cross_replica_batch_norm.CrossReplicaBatchNormalization(
         group_size=group_size, **common)
   raise ValueError(f"build_norm.norm must be one of {NORMS}, got {norm!r}")
 
 
-@gin.configurable
-def bn_size(per_replica_batch_size: int,
-            norm: str = "frozen",
-            group_size: Optional[int] = None,
-            replicas_per_worker: int = 1) -> int:
+def bn_size(per_replica_batch_size: int, replicas_per_worker: int = 1) -> int:
   """Images whose statistics one BN group shares (the paper's "BN size").
 
-  0 for frozen BN, which has no batch statistics.
+  The norm kind and group size are read from `build_norm`'s Gin bindings (its
+  defaults where unbound; the scope is the caller's), so a config binds them
+  once, e.g. with `gin/norm/cgbn.gin`. 0 for frozen BN, which has no batch
+  statistics.
+
+  Args:
+    per_replica_batch_size: images per replica and step.
+    replicas_per_worker: replicas of one worker, the group when
+      `build_norm.group_size` is None.
   """
+  bound = gin.get_bindings(build_norm)
+  defaults = inspect.signature(build_norm).parameters
+  norm, group_size = (bound.get(name, defaults[name].default)
+                      for name in ("norm", "group_size"))
+  if norm not in NORMS:
+    raise ValueError(f"build_norm.norm must be one of {NORMS}, got {norm!r}")
   if norm == "frozen":
     return 0
   if norm == "bn":
