@@ -14,23 +14,9 @@ runtime, so build the strategy before anything else touches a device.
 import gin
 import tensorflow as tf
 
+from megdet_tf.training import multi_worker_devices
+
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
-
-
-def split_cpu(num_replicas: int) -> list:
-  """Splits the physical CPU into `num_replicas` logical devices."""
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  configured = tf.config.get_logical_device_configuration(cpu)
-  if configured is None or len(configured) != num_replicas:
-    try:
-      tf.config.set_logical_device_configuration(
-          cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
-    except RuntimeError as e:
-      raise RuntimeError(
-          f"Cannot split the CPU into {num_replicas} replicas: TensorFlow's "
-          "runtime is already initialised. Build the strategy before any "
-          "other TensorFlow work.") from e
-  return [d.name for d in tf.config.list_logical_devices("CPU")]
 
 
 @gin.configurable
@@ -42,8 +28,8 @@ def build_strategy(kind: str = "mirrored",
 
   Args:
     kind: one of `one_device`, `mirrored`, `multi_worker`.
-    num_cpu_replicas: replicas per machine when it has no GPU (`mirrored`,
-      and `multi_worker` via `multi_worker_devices`).
+    num_cpu_replicas: replicas per machine when it has no GPU (logical CPU
+      devices, see `multi_worker_devices`).
     collective_timeout_seconds: `multi_worker` collectives that wait longer
       than this fail (a dead worker then stops the job).
   """
@@ -54,7 +40,9 @@ def build_strategy(kind: str = "mirrored",
     if gpus:
       return tf.distribute.MirroredStrategy(
           cross_device_ops=tf.distribute.NcclAllReduce())
-    return tf.distribute.MirroredStrategy(devices=split_cpu(num_cpu_replicas))
+    multi_worker_devices.split_cpu(num_cpu_replicas)
+    return tf.distribute.MirroredStrategy(
+        devices=[d.name for d in tf.config.list_logical_devices("CPU")])
   if kind == "multi_worker":
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=(tf.distribute.experimental.CommunicationImplementation
@@ -64,7 +52,6 @@ def build_strategy(kind: str = "mirrored",
     if gpus or num_cpu_replicas == 1:
       return tf.distribute.MultiWorkerMirroredStrategy(
           communication_options=options)
-    from megdet_tf.training import multi_worker_devices  # pylint: disable=g-import-not-at-top
     return multi_worker_devices.multi_worker_strategy_with_local_replicas(
         num_cpu_replicas, communication_options=options)
   raise ValueError(f"build_strategy.kind must be one of {STRATEGIES}, "

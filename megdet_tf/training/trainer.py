@@ -1,0 +1,303 @@
+"""MegDet's custom training loop: `strategy.run` over a tf.data pipeline.
+
+One call of the compiled loop runs `steps_per_loop` steps on every replica:
+each replica computes its losses on its own images (cross-replica BN layers
+exchange statistics inside the forward pass), scales them by
+1/num_replicas so that the sum over replicas is the loss of the global batch,
+and the gradients are all-reduced once per step (`gradient_allreduce` in a
+profile) before SGD applies them.
+
+Around the loop: checkpoints every `checkpoint_every_steps` and at the end
+(resumed automatically; only the chief writes to `model_dir`), a divergence
+guard that stops before a diverged state is saved, TensorBoard scalars and a
+console progress line, and periodic COCO evaluation.
+"""
+import os
+import shutil
+import time
+from typing import Callable, Dict, Optional
+
+from absl import logging
+import gin
+import numpy as np
+import tensorflow as tf
+
+from megdet_tf.dataloaders.input_reader import InputReader
+from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
+from megdet_tf.modeling import faster_rcnn
+from megdet_tf.modeling.losses import FasterRCNNLoss
+from megdet_tf.optimization import lr_schedule as lr_schedule_lib
+from megdet_tf.optimization import optimizer as optimizer_lib
+
+
+DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes",
+                  "num_detections")
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became non-finite or exploded; no checkpoint was written."""
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+  resolver = getattr(strategy.extended, "_cluster_resolver", None)
+  if resolver is None or not resolver.task_type:
+    return True
+  return (resolver.task_type == "chief" or
+          (resolver.task_type == "worker" and resolver.task_id == 0 and
+           "chief" not in resolver.cluster_spec().as_dict()))
+
+
+@gin.configurable(denylist=["strategy", "model_dir", "train_reader",
+                             "eval_reader"])
+class DetectorTrainer:
+  """Trains and evaluates the detector under a distribution strategy."""
+
+  def __init__(self,
+               strategy: tf.distribute.Strategy,
+               model_dir: str,
+               train_reader: InputReader,
+               eval_reader: InputReader,
+               steps_per_loop: int = 20,
+               checkpoint_every_steps: int = 1000,
+               keep_checkpoints: int = 5,
+               eval_every_steps: int = 0,
+               log_every_seconds: float = 10.0,
+               max_loss: float = 1e3,
+               mixed_precision: Optional[str] = None,
+               jit_compile: bool = False,
+               eval_steps: Optional[int] = None,
+               seed: Optional[int] = None):
+    """Builds model, optimizer, data and checkpointing under `strategy`.
+
+    Args:
+      strategy: from `build_strategy`.
+      model_dir: checkpoints, summaries and the operative config go here.
+      train_reader: the training split's `InputReader`.
+      eval_reader: the evaluation split's `InputReader`.
+      steps_per_loop: training steps per call of the compiled loop.
+      checkpoint_every_steps: checkpoint period (and at the end).
+      keep_checkpoints: newest checkpoints kept.
+      eval_every_steps: COCO evaluation period in `train_and_eval`; 0 = at the
+        end only.
+      log_every_seconds: console progress period.
+      max_loss: a total loss above this counts as divergence.
+      mixed_precision: None, `mixed_bfloat16` or `mixed_float16` (the latter
+        with dynamic loss scaling).
+      jit_compile: XLA-compile the per-replica step.
+      eval_steps: evaluate on this many batches only (None: the whole split).
+      seed: seeds Python, NumPy and TensorFlow (weight initialisation and
+        random ops) for repeatable runs; None = a fresh random start.
+    """
+    self.strategy = strategy
+    self.model_dir = model_dir
+    self.is_chief = _is_chief(strategy)
+    self._steps_per_loop = steps_per_loop
+    self._checkpoint_every_steps = checkpoint_every_steps
+    self._eval_every_steps = eval_every_steps
+    self._log_every_seconds = log_every_seconds
+    self._max_loss = max_loss
+    self._jit_compile = jit_compile
+    self._eval_steps = eval_steps
+    if seed is not None:
+      tf.keras.utils.set_random_seed(seed)
+    if mixed_precision:
+      tf.keras.mixed_precision.set_global_policy(mixed_precision)
+
+    self.train_reader = train_reader
+    self.eval_reader = eval_reader
+    self.category_map = self.train_reader.parser.category_map
+    self.global_batch_size = self.train_reader.global_batch_size
+    self.schedule = lr_schedule_lib.build_lr_schedule(
+        global_batch_size=self.global_batch_size)
+    self.total_steps = self.schedule.total_steps
+
+    with strategy.scope():
+      self.model = faster_rcnn.build_faster_rcnn(
+          num_classes=self.category_map.num_classes)
+      self.optimizer = optimizer_lib.build_training_optimizer(self.schedule)
+      if mixed_precision == "mixed_float16":
+        self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(
+            self.optimizer)
+      self.checkpoint = tf.train.Checkpoint(model=self.model,
+                                            optimizer=self.optimizer)
+    directory = model_dir if self.is_chief else os.path.join(
+        model_dir, f".worker_{strategy.extended._cluster_resolver.task_id}")  # pylint: disable=protected-access
+    self.checkpoint_manager = tf.train.CheckpointManager(
+        self.checkpoint, directory, max_to_keep=keep_checkpoints,
+        step_counter=self.optimizer.iterations)
+    self.loss_fn = FasterRCNNLoss()
+    self._summary_writer = tf.summary.create_file_writer(
+        model_dir if self.is_chief else directory)
+    self._train_loop = None
+
+  @property
+  def step(self) -> int:
+    return int(self.optimizer.iterations.numpy())
+
+  def restore(self, checkpoint_path: Optional[str] = None) -> Optional[str]:
+    """Restores `checkpoint_path`, or the latest checkpoint in model_dir."""
+    path = checkpoint_path or self.checkpoint_manager.latest_checkpoint
+    if path:
+      self.checkpoint.restore(path).expect_partial()
+      logging.info("Restored %s (step %d)", path, self.step)
+    return path
+
+  def _save(self):
+    self.checkpoint_manager.save(checkpoint_number=self.step)
+    if not self.is_chief:
+      shutil.rmtree(self.checkpoint_manager.directory, ignore_errors=True)
+
+  # --- The compiled training loop -------------------------------------------
+
+  def _replica_step(self, images, labels):
+    """Forward, losses, gradient all-reduce and update on one replica."""
+    with tf.GradientTape() as tape:
+      outputs = self.model.call_with_labels(images, labels, training=True)
+      losses = self.loss_fn(outputs, labels, self.model.trainable_variables)
+      scaled = losses["total_loss"] / self.strategy.num_replicas_in_sync
+      if isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+        scaled = self.optimizer.get_scaled_loss(scaled)
+    variables = self.model.trainable_variables
+    grads = tape.gradient(scaled, variables)
+    with tf.name_scope("gradient_allreduce"):
+      grads = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, grads)
+    if isinstance(self.optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+      grads = self.optimizer.get_unscaled_gradients(grads)
+    losses["gradient_norm"] = tf.linalg.global_norm(grads)
+    self.optimizer.apply_gradients(zip(grads, variables),
+                                   skip_gradients_aggregation=True)
+    return losses
+
+  def _build_train_loop(self) -> Callable:
+    replica_step = tf.function(self._replica_step,
+                               jit_compile=self._jit_compile or None)
+
+    @tf.function
+    def train_loop(iterator, num_steps):
+      """Runs up to `num_steps` steps; stops early on a diverging loss."""
+      losses = self._reduce(self.strategy.run(replica_step,
+                                              args=next(iterator)))
+      steps = tf.constant(1)
+      for _ in tf.range(num_steps - 1):
+        if not self._is_healthy(losses["total_loss"]):
+          break
+        losses = self._reduce(self.strategy.run(replica_step,
+                                                args=next(iterator)))
+        steps += 1
+      return losses, steps
+
+    return train_loop
+
+  def _reduce(self, per_replica_losses: Dict[str, tf.Tensor]):
+    """Mean over replicas of each loss term."""
+    return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+            for k, v in per_replica_losses.items()}
+
+  def _is_healthy(self, total_loss) -> tf.Tensor:
+    return tf.math.is_finite(total_loss) & (total_loss <= self._max_loss)
+
+  def _check_divergence(self, losses: Dict[str, np.ndarray]):
+    if bool(self._is_healthy(losses["total_loss"])):
+      return
+    bad = [k for k, v in losses.items() if not np.isfinite(v)] or [
+        max((k for k in losses if k.endswith("loss") and k != "total_loss"),
+            key=lambda k: losses[k])]
+    raise TrainingDivergedError(
+        f"Training diverged at step {self.step}: total_loss="
+        f"{losses['total_loss']:.4g} (max_loss={self._max_loss:g}), "
+        f"learning rate {float(self.schedule(self.step - 1)):.4g}; "
+        f"first bad term: {', '.join(bad)} (all terms: " +
+        ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items())) +
+        "). No checkpoint was written from this state; the latest checkpoint "
+        f"in {self.model_dir} is intact. Lower the learning rate, lengthen "
+        "the warmup or use cross-replica BN (norm 'cgbn').")
+
+  # --- Public entry points --------------------------------------------------
+
+  def train(self, max_steps: Optional[int] = None,
+            evaluate: bool = False) -> Dict[str, float]:
+    """Trains to `total_steps` (or `max_steps`), resuming from model_dir."""
+    self.restore()
+    end = min(self.total_steps, max_steps or self.total_steps)
+    if self._train_loop is None:
+      self._train_loop = self._build_train_loop()
+    iterator = iter(self.train_reader.distribute(self.strategy, self.step))
+    last_log, losses = 0.0, {}
+    while self.step < end:
+      start_step, start = self.step, time.time()
+      num_steps = self._steps_until_boundary(end)
+      losses, steps = self._train_loop(iterator, tf.constant(num_steps))
+      losses = {k: float(v) for k, v in losses.items()}
+      self._check_divergence(losses)
+      elapsed = time.time() - start
+      self._write_train_summaries(losses, int(steps), elapsed)
+      if time.time() - last_log >= self._log_every_seconds or self.step >= end:
+        last_log = time.time()
+        self._log_progress(losses, int(steps), elapsed, end, start_step)
+      if self.step % self._checkpoint_every_steps == 0 or self.step >= end:
+        self._save()
+      if (evaluate and self._eval_every_steps and self.step < end and
+          self.step % self._eval_every_steps == 0):
+        self.evaluate()
+    return losses
+
+  def _steps_until_boundary(self, end: int) -> int:
+    """Loop length that stops on checkpoint, evaluation and end steps."""
+    periods = [self._checkpoint_every_steps, self._steps_per_loop]
+    if self._eval_every_steps:
+      periods.append(self._eval_every_steps)
+    step = self.step
+    next_boundary = min(step + p - step % p for p in periods)
+    return min(next_boundary, end) - step
+
+  def _write_train_summaries(self, losses, steps, elapsed):
+    with self._summary_writer.as_default(step=self.step):
+      for name, value in losses.items():
+        tf.summary.scalar(f"train/{name}", value)
+      tf.summary.scalar("train/learning_rate",
+                        float(self.schedule(self.step - 1)))
+      tf.summary.scalar("train/images_per_second",
+                        steps * self.global_batch_size / elapsed)
+      tf.summary.scalar("train/step_time_seconds", elapsed / steps)
+
+  def _log_progress(self, losses, steps, elapsed, end, start_step):
+    images_per_second = steps * self.global_batch_size / elapsed
+    eta = (end - self.step) * elapsed / steps
+    logging.info(
+        "step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s%s", self.step,
+        end, losses["total_loss"], float(self.schedule(self.step - 1)),
+        images_per_second, time.strftime("%H:%M:%S", time.gmtime(eta)),
+        "  (includes tracing)" if start_step == 0 else "")
+
+  def evaluate(self) -> Dict[str, float]:
+    """COCO metrics of the current weights on the eval split."""
+    evaluator = COCOEvaluator(category_map=self.category_map)
+
+    @tf.function
+    def predict(images, labels):
+      return self.strategy.gather(
+          self.strategy.run(self._replica_predict, args=(images, labels)),
+          axis=0)
+
+    dataset = self.eval_reader.distribute(self.strategy)
+    for i, (images, labels) in enumerate(dataset):
+      if self._eval_steps is not None and i >= self._eval_steps:
+        break
+      evaluator.update(tf.nest.map_structure(lambda t: t.numpy(),
+                                             predict(images, labels)))
+    if self.is_chief:
+      evaluator.write_detections(os.path.join(self.model_dir,
+                                              "detections_val.json"))
+    metrics = evaluator.evaluate()
+    with self._summary_writer.as_default(step=self.step):
+      for name, value in metrics.items():
+        tf.summary.scalar(f"eval/{name}", value)
+    logging.info("step %d COCO metrics: %s", self.step,
+                 "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+  def _replica_predict(self, images, labels):
+    outputs = self.model.call_with_labels(images, labels, training=False)
+    return dict(source_id=labels["source_id"], image_info=labels["image_info"],
+                **{k: outputs[k] for k in DETECTION_KEYS})

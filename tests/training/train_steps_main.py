@@ -1,0 +1,41 @@
+"""Test helper: trains a few steps one at a time and reports, as JSON.
+
+  python tests/training/train_steps_main.py MODEL_DIR STEPS GIN_PARAM...
+
+Builds everything as tools/train.py does (gin/demo.gin plus the bindings),
+then prints one JSON line: the total loss after each step, the largest
+difference between any replica's copy of a weight and replica 0's, and a
+checksum of the weights (to compare workers).
+"""
+import json
+import os
+import sys
+
+import megdet_tf  # noqa: F401  pylint: disable=unused-import
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..",
+                                "tools"))
+import train  # pylint: disable=g-import-not-at-top
+
+
+def main(model_dir, steps, gin_params):
+  train.parse_gin(["gin/demo.gin"], gin_params)
+  trainer = train.build_trainer(model_dir)
+  losses = [trainer.train(max_steps=step)["total_loss"]
+            for step in range(1, steps + 1)]
+  replica_diff = max(
+      float(np.max(np.abs(value.numpy() - v.values[0].numpy())))
+      for v in trainer.model.trainable_variables
+      for value in getattr(v, "values", (v,)))
+  checksum = float(sum(np.sum(np.abs(v.numpy()))
+                       for v in trainer.model.trainable_variables))
+  print("RESULT " + json.dumps({
+      "losses": losses, "replica_weight_max_diff": replica_diff,
+      "checksum": checksum,
+      "num_replicas": trainer.strategy.num_replicas_in_sync}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])

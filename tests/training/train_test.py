@@ -1,0 +1,172 @@
+"""End-to-end tests of tools/train.py and the training loop, in subprocesses.
+
+Each run is a fresh process (logical CPU devices must be configured before
+TensorFlow starts) on a tiny model and a tiny generated dataset.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import megdet_tf  # noqa: F401  pylint: disable=unused-import
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+TRAIN = os.path.join(REPO, "tools", "train.py")
+TRAIN_STEPS = os.path.join(REPO, "tests", "training", "train_steps_main.py")
+TIMEOUT = 600
+
+
+def tiny_params(data_dir, replicas=1, **overrides):
+  """Bindings over gin/demo.gin: 64 px images, a tiny model, 8 images."""
+  params = {
+      "prepare_shapes_dataset.data_dir": repr(data_dir),
+      "prepare_shapes_dataset.num_train": 8,
+      "prepare_shapes_dataset.num_val": 4,
+      "prepare_shapes_dataset.image_size": 64,
+      "prepare_shapes_dataset.num_shards": 2,
+      "train/InputReader.file_pattern": repr(f"{data_dir}/tfrecord/train-*"),
+      "eval/InputReader.file_pattern": repr(f"{data_dir}/tfrecord/val-*"),
+      "COCOEvaluator.annotations_file":
+          repr(f"{data_dir}/annotations/instances_val.json"),
+      "train/InputReader.deterministic": True,
+      "train/InputReader.seed": 1,
+      "DetectorTrainer.seed": 1,
+      "train/InputReader.drop_images_without_boxes": False,
+      "DetectionParser.aug_rand_hflip": False,
+      "DetectionParser.short_side": 64,
+      "DetectionParser.long_side": 64,
+      "ResNet.width_multiplier": 0.125,
+      "FPN.num_filters": 16,
+      "RPNHead.num_filters": 16,
+      "BoxHead.fc_dims": 32,
+      "MultilevelROIGenerator.pre_nms_top_k": 100,
+      "MultilevelROIGenerator.num_proposals": 50,
+      "MultilevelROIGenerator.test_pre_nms_top_k": 100,
+      "MultilevelROIGenerator.test_num_proposals": 50,
+      # Sampling takes every anchor and RoI candidate, so runs are repeatable
+      # although Model Garden's samplers draw from unseeded random ops.
+      "RPN_BATCH_SIZE_PER_IM": 4096,
+      "ROISampler.num_sampled_rois": 150,  # 50 proposals + 100 gt slots.
+      "GLOBAL_BATCH_SIZE": 2 * replicas,
+      "NUM_TRAIN_IMAGES": 8,
+      "build_lr_schedule.warmup_steps": 0,
+      "build_strategy.kind": repr("mirrored" if replicas > 1 else
+                                  "one_device"),
+      "build_strategy.num_cpu_replicas": replicas,
+      "DetectorTrainer.steps_per_loop": 1,
+      "DetectorTrainer.checkpoint_every_steps": 2,
+      "DetectorTrainer.log_every_seconds": 0,
+  }
+  params.update(overrides)
+  return [f"{k}={v}" for k, v in params.items()]
+
+
+def run(args, timeout=TIMEOUT, env=None):
+  return subprocess.run([sys.executable] + args, cwd=REPO, timeout=timeout,
+                        capture_output=True, text=True, env=env, check=False)
+
+
+def train_cmd(model_dir, params, *flags):
+  return [TRAIN, "--gin_file=gin/demo.gin", f"--model_dir={model_dir}",
+          "--mode=train"] + [f"--gin_param={p}" for p in params] + list(flags)
+
+
+def checkpoint_weights(model_dir):
+  path = tf.train.latest_checkpoint(model_dir)
+  reader = tf.train.load_checkpoint(path)
+  return path, {name: reader.get_tensor(name)
+                for name in reader.get_variable_to_shape_map()
+                if name.startswith("model/") and "OPTIMIZER_SLOT" not in name}
+
+
+@pytest.mark.slow
+def test_mirrored_steps_lower_the_loss_and_keep_replicas_identical(tmp_path):
+  result = run([TRAIN_STEPS, str(tmp_path / "run"), "6"] +
+               tiny_params(str(tmp_path / "data"), replicas=4))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.split("RESULT ")[-1])
+  assert report["num_replicas"] == 4
+  losses = report["losses"]
+  assert all(np.isfinite(losses))
+  assert losses[-1] < losses[0], losses
+  assert report["replica_weight_max_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
+  data = str(tmp_path / "data")
+  params = tiny_params(data)
+  steps = "--max_steps=8"
+  reference = run(train_cmd(tmp_path / "reference", params, steps))
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  interrupted = tmp_path / "interrupted"
+  log = tmp_path / "interrupted.log"
+  with open(log, "w") as stderr:
+    process = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable] + train_cmd(interrupted, params, steps), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=stderr)
+  deadline = time.time() + TIMEOUT
+  while not (interrupted / "ckpt-4.index").exists():
+    assert process.poll() is None, log.read_text()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at, _ = checkpoint_weights(str(interrupted))
+  assert not killed_at.endswith("-8")
+
+  resumed = run(train_cmd(interrupted, params, steps))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Restored" in resumed.stderr
+  path, weights = checkpoint_weights(str(interrupted))
+  ref_path, ref_weights = checkpoint_weights(str(tmp_path / "reference"))
+  assert path.endswith("ckpt-8") and ref_path.endswith("ckpt-8")
+  assert weights.keys() == ref_weights.keys()
+  for name, value in ref_weights.items():
+    np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-6,
+                               err_msg=name)
+
+  # Divergence: an absurd learning rate from the finished run's checkpoint.
+  diverged = run(train_cmd(interrupted, params, "--max_steps=12") +
+                 ["--gin_param=build_lr_schedule.base_learning_rate=1e9"])
+  assert diverged.returncode == 3, diverged.stderr[-3000:]
+  assert "Training diverged at step" in diverged.stderr
+  assert "No checkpoint was written" in diverged.stderr
+  after_path, after = checkpoint_weights(str(interrupted))
+  assert after_path == path
+  for name, value in weights.items():
+    np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
+def test_misspelled_gin_parameter_fails_before_training(tmp_path):
+  result = run(train_cmd(tmp_path / "run", [
+      "DetectorTrainer.stepz_per_loop=3"]), timeout=120)
+  assert result.returncode != 0
+  assert "stepz_per_loop" in result.stderr
+  assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_paper_config_without_coco_says_what_to_do(tmp_path):
+  result = run([TRAIN, "--gin_file=gin/megdet_bs256.gin",
+                f"--model_dir={tmp_path}"], timeout=120)
+  assert result.returncode != 0
+  for expected in ("COCO 2017 is expected under data/coco",
+                   "tools/create_coco_tfrecord.py", "gin/demo.gin"):
+    assert expected in result.stderr
+
+
+def test_foreign_file_in_the_dataset_is_named(tmp_path):
+  (tmp_path / "train-0.tfrecord").write_text("not a record")
+  params = tiny_params(str(tmp_path / "data"), **{
+      "train/InputReader.file_pattern": repr(f"{tmp_path}/train-*")})
+  result = run(train_cmd(tmp_path / "run", params), timeout=300)
+  assert result.returncode != 0
+  assert "train-0.tfrecord" in result.stderr
+  assert "is not a TFRecord" in result.stderr

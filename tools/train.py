@@ -1,0 +1,100 @@
+r"""Trains and/or evaluates a MegDet detector from Gin files.
+
+  python tools/train.py --gin_file=gin/megdet_bs256.gin --model_dir=runs/bs256
+  python tools/train.py --gin_file=gin/demo.gin --model_dir=runs/demo
+  python tools/train.py --gin_file=gin/demo.gin --model_dir=runs/demo \
+      --mode=eval
+
+`--gin_file` and `--gin_param` repeat and compose; files `include` others
+by paths relative to the repository root (`gin/model/demo.gin`), from any
+working directory. Training
+resumes from the latest checkpoint in `--model_dir`.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+
+import megdet_tf  # noqa: F401  pylint: disable=unused-import
+from megdet_tf.dataloaders import prepare_shapes  # noqa: F401  pylint: disable=unused-import
+from megdet_tf.dataloaders.input_reader import InputReader
+from megdet_tf.training import strategy as strategy_lib
+from megdet_tf.training import trainer as trainer_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODES = ("train", "eval", "train_and_eval")
+
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings (repeatable), e.g. "
+                          "--gin_param=DetectorTrainer.steps_per_loop=50.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.")
+flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
+flags.DEFINE_integer("max_steps", None, "Stop training after this step.")
+flags.DEFINE_string("checkpoint_path", None,
+                    "Checkpoint to evaluate (default: latest in model_dir).")
+flags.mark_flag_as_required("model_dir")
+FLAGS = flags.FLAGS
+
+EXIT_DIVERGED = 3
+
+
+def parse_gin(gin_files, gin_params):
+  """Parses configs; misspelled names fail here, before any heavy work."""
+  gin.add_config_file_search_path(REPO_ROOT)
+  gin.parse_config_files_and_bindings(gin_files, gin_params)
+
+
+@gin.configurable(denylist=["model_dir"])
+def build_trainer(model_dir, prepare_data=None) -> trainer_lib.DetectorTrainer:
+  """Data (made first by `prepare_data`, e.g. the demo's), strategy, trainer."""
+  if prepare_data:
+    prepare_data()
+  with gin.config_scope("train"):
+    train_reader = InputReader(is_training=True)
+  with gin.config_scope("eval"):
+    eval_reader = InputReader(is_training=False)
+  for reader in (train_reader, eval_reader):
+    reader.check_files()  # A missing or foreign dataset fails before heavy work.
+  strategy = strategy_lib.build_strategy()
+  return trainer_lib.DetectorTrainer(strategy, model_dir, train_reader,
+                                     eval_reader)
+
+
+def run(model_dir, mode, max_steps=None, checkpoint_path=None):
+  """Trains and/or evaluates; returns the COCO metrics if it evaluated."""
+  trainer = build_trainer(model_dir)
+  if mode == "eval":
+    if not trainer.restore(checkpoint_path):
+      raise FileNotFoundError(
+          f"No checkpoint to evaluate in {model_dir}; pass --checkpoint_path")
+    return trainer.evaluate()
+  trainer.train(max_steps=max_steps, evaluate=mode == "train_and_eval")
+  if trainer.is_chief:
+    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
+  if mode == "train_and_eval":
+    return trainer.evaluate()
+  return None
+
+
+def main(argv):
+  del argv
+  parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+  os.makedirs(FLAGS.model_dir, exist_ok=True)
+  config = gin.config_str()
+  logging.info("Gin config:\n%s", config)
+  with open(os.path.join(FLAGS.model_dir, "config.gin"), "w") as f:
+    f.write(config)
+  try:
+    run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)
+  except trainer_lib.TrainingDivergedError as e:
+    logging.error("%s", e)
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(EXIT_DIVERGED)
+
+
+if __name__ == "__main__":
+  app.run(main)
