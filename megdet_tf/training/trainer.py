@@ -26,6 +26,7 @@ from megdet_tf.dataloaders.input_reader import InputReader
 from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling.losses import FasterRCNNLoss
+from megdet_tf.modeling.pretrained import load_keras_applications_resnet
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
 from megdet_tf.optimization import optimizer as optimizer_lib
 
@@ -114,6 +115,9 @@ class DetectorTrainer:
     with strategy.scope():
       self.model = faster_rcnn.build_faster_rcnn(
           num_classes=self.category_map.num_classes)
+      # ImageNet weights (if Gin names a file); a checkpoint restored later
+      # replaces them.
+      load_keras_applications_resnet(self.model.backbone)
       self.optimizer = optimizer_lib.build_training_optimizer(self.schedule)
       if mixed_precision == "mixed_float16":
         self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(
@@ -135,8 +139,12 @@ class DetectorTrainer:
     return int(self.optimizer.iterations.numpy())
 
   def restore(self, checkpoint_path: Optional[str] = None) -> Optional[str]:
-    """Restores `checkpoint_path`, or the latest checkpoint in model_dir."""
-    path = checkpoint_path or self.checkpoint_manager.latest_checkpoint
+    """Restores `checkpoint_path`, or the chief's latest in model_dir.
+
+    Every worker reads the chief's checkpoints (model_dir must be on a file
+    system all workers share, as for any multi-worker TensorFlow job).
+    """
+    path = checkpoint_path or tf.train.latest_checkpoint(self.model_dir)
     if path:
       self.checkpoint.restore(path).expect_partial()
       logging.info("Restored %s (step %d)", path, self.step)

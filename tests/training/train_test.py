@@ -170,3 +170,35 @@ def test_foreign_file_in_the_dataset_is_named(tmp_path):
   assert result.returncode != 0
   assert "train-0.tfrecord" in result.stderr
   assert "is not a TFRecord" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_localhost_workers_train_identical_weights(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import launch_local  # pylint: disable=g-import-not-at-top
+  data = str(tmp_path / "data")
+  params = tiny_params(data, **{"build_strategy.kind": "'multi_worker'",
+                                "GLOBAL_BATCH_SIZE": 4})
+  # Make the dataset once, before two processes race to make it.
+  prepared = run([TRAIN_STEPS, str(tmp_path / "prepare"), "0"] + params)
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  ports = launch_local.free_ports(2)
+  workers = [subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable, TRAIN_STEPS, str(tmp_path / "run"), "4"] + params,
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, TF_CONFIG=launch_local.tf_config(ports, i)))
+             for i in range(2)]
+  try:
+    outputs = [w.communicate(timeout=TIMEOUT) for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  for w, (_, stderr) in zip(workers, outputs):
+    assert w.returncode == 0, "\n".join(e[-3000:] for _, e in outputs)
+  reports = [json.loads(out.split("RESULT ")[-1]) for out, _ in outputs]
+  assert [r["num_replicas"] for r in reports] == [2, 2]
+  assert reports[0]["checksum"] == reports[1]["checksum"]
+  assert reports[0]["losses"] == reports[1]["losses"]
+  assert all(np.isfinite(reports[0]["losses"]))
+  assert (tmp_path / "run" / "checkpoint").exists()
+  assert not (tmp_path / "run" / ".worker_1").exists()

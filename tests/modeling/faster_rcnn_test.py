@@ -1,0 +1,354 @@
+"""The detector end to end: outputs, norm kinds, config, replicas, learning.
+
+Inputs come from the real `DetectionParser`. The MirroredStrategy test runs
+this file as a script in a subprocess, because logical CPU devices must be
+configured before TensorFlow initializes its devices.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from official.vision.ops import anchor
+
+from megdet_tf.dataloaders import coco_tfrecord
+from megdet_tf.dataloaders import shapes_dataset
+from megdet_tf.dataloaders.category_map import CategoryMap
+from megdet_tf.dataloaders.detection_parser import DetectionParser
+from megdet_tf.dataloaders.input_reader import InputReader
+from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
+from megdet_tf.modeling import faster_rcnn
+from megdet_tf.modeling import losses
+from megdet_tf.modeling.layers import normalization
+from megdet_tf.ops import detection_outputs
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+CATEGORY_MAP = CategoryMap([2, 5, 9])
+SIZE = 128
+TINY = """
+ResNet.depth = 18
+ResNet.width_multiplier = 0.25
+ResNet.freeze_at = 0
+FPN.num_filters = 16
+RPNHead.num_filters = 16
+BoxHead.fc_dims = 32
+MultilevelROIGenerator.pre_nms_top_k = 100
+MultilevelROIGenerator.num_proposals = 50
+MultilevelROIGenerator.test_pre_nms_top_k = 100
+MultilevelROIGenerator.test_num_proposals = 50
+ROISampler.num_sampled_rois = 16
+DetectionGenerator.max_num_detections = 10
+"""
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  yield
+  gin.clear_config()
+
+
+def _decoded_example(seed):
+  """A decoded TF Example (as TfExampleDecoder gives) with 1-3 boxes."""
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(1, 4))
+  corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1)
+  boxes = corners.transpose(0, 2, 1).reshape(n, 4)[:, [0, 2, 1, 3]]
+  boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 0.2).clip(max=1.0)
+  return {
+      "image": tf.constant(rng.integers(0, 256, (96, 120, 3), np.uint8)),
+      "source_id": tf.constant(str(seed + 1)),
+      "groundtruth_boxes": tf.constant(boxes, tf.float32),
+      "groundtruth_classes": tf.constant(
+          rng.choice(CATEGORY_MAP.category_ids, n), tf.int64),
+      "groundtruth_is_crowd": tf.zeros([n], tf.bool),
+  }
+
+
+def make_batch(batch_size=2, training=True, first_seed=0):
+  parser = DetectionParser(category_map=CATEGORY_MAP, short_side=SIZE,
+                           long_side=SIZE, aug_rand_hflip=False)
+  parse = parser.parse_fn(is_training=training)
+  pairs = [parse(_decoded_example(first_seed + i)) for i in range(batch_size)]
+  images = tf.stack([p[0] for p in pairs])
+  labels = tf.nest.map_structure(lambda *x: tf.stack(x), *[p[1] for p in pairs])
+  return images, labels
+
+
+def build_tiny(norm="frozen", extra=""):
+  gin.parse_config(TINY + f"build_norm.norm = '{norm}'\n" + extra)
+  return faster_rcnn.build_faster_rcnn(num_classes=CATEGORY_MAP.num_classes)
+
+
+def train_step(model, images, labels, optimizer):
+  with tf.GradientTape() as tape:
+    outputs = model.call_with_labels(images, labels, training=True)
+    terms = losses.FasterRCNNLoss()(outputs, labels, model.trainable_variables)
+  grads = tape.gradient(terms["total_loss"], model.trainable_variables)
+  optimizer.apply_gradients(zip(grads, model.trainable_variables))
+  return terms
+
+
+def test_training_outputs():
+  model = build_tiny()
+  images, labels = make_batch()
+  outputs = model.call_with_labels(images, labels, training=True)
+  k = CATEGORY_MAP.num_classes
+  for level in range(2, 7):
+    side = SIZE // 2**level
+    assert outputs["rpn_scores"][str(level)].shape == (2, side, side, 3)
+    assert outputs["rpn_boxes"][str(level)].shape == (2, side, side, 12)
+    assert outputs["decoder_features"][str(level)].shape == (2, side, side, 16)
+  assert outputs["class_outputs"].shape == (2, 16, k)
+  assert outputs["box_outputs"].shape == (2, 16, 4 * k)
+  assert outputs["class_targets"].shape == (2, 16)
+  assert outputs["box_targets"].shape == (2, 16, 4)
+  assert outputs["class_outputs"].dtype == tf.float32
+  targets = outputs["class_targets"].numpy()
+  assert targets.min() >= 0 and targets.max() < k
+  assert (targets > 0).any()  # Ground truth is mixed into the RoIs.
+  assert "detection_boxes" not in outputs
+
+
+def test_inference_outputs_and_detections():
+  model = build_tiny()
+  images, labels = make_batch(training=False)
+  outputs = model.call_with_labels(images, labels, training=False)
+  assert outputs["detection_boxes"].shape == (2, 10, 4)
+  assert outputs["detection_scores"].shape == (2, 10)
+  assert outputs["detection_classes"].shape == (2, 10)
+  assert outputs["num_detections"].shape == (2,)
+  assert outputs["detection_boxes"].dtype == tf.float32
+  assert outputs["detection_classes"].dtype == tf.int32
+  n = outputs["num_detections"].numpy()
+  assert (n >= 0).all() and (n <= 10).all() and n.sum() > 0
+  for b in range(2):
+    valid = slice(0, n[b])
+    classes = outputs["detection_classes"][b, valid].numpy()
+    assert ((classes >= 1) & (classes < CATEGORY_MAP.num_classes)).all()
+    scores = outputs["detection_scores"][b, valid].numpy()
+    assert (np.diff(scores) <= 0).all() and (scores > 0.05).all()
+    boxes = outputs["detection_boxes"][b, valid].numpy()
+    assert (boxes >= 0).all() and (boxes <= SIZE).all()
+  detections = model.detections(outputs, labels["image_info"], CATEGORY_MAP)
+  boxes, ids = detection_outputs.to_original_image(
+      outputs["detection_boxes"], outputs["detection_classes"],
+      labels["image_info"], CATEGORY_MAP)
+  np.testing.assert_array_equal(detections["detection_boxes"], boxes)
+  np.testing.assert_array_equal(detections["detection_classes"], ids)
+  assert set(ids.numpy()[0, :n[0]]) <= set(CATEGORY_MAP.category_ids)
+  np.testing.assert_array_equal(detections["num_detections"], n)
+
+
+def _norm_layers(model):
+  return [l for l in model._flatten_layers()
+          if isinstance(l, tf.keras.layers.BatchNormalization)]
+
+
+@pytest.mark.parametrize("norm", normalization.NORMS)
+def test_norm_kinds_in_a_training_step(norm):
+  model = build_tiny(norm, "BoxHead.num_convs = 1\nFPN.use_norm = True\n")
+  norms = _norm_layers(model)
+  assert len(norms) == 20 + 8 + 1  # Backbone, FPN, box head conv.
+  expected_type = type(normalization.build_norm(norm))
+  assert all(type(n) is expected_type for n in norms)
+  moving = [v for n in norms for v in (n.moving_mean, n.moving_variance)]
+  before = [v.numpy() for v in moving]
+  weights_before = [v.numpy() for v in model.trainable_variables]
+  images, labels = make_batch()
+  terms = train_step(model, images, labels, tf.keras.optimizers.SGD(0.01))
+  assert np.isfinite(float(terms["total_loss"]))
+  moved = [not np.array_equal(b, v.numpy()) for b, v in zip(before, moving)]
+  changed = [not np.array_equal(b, v.numpy()) for b, v in zip(
+      weights_before, model.trainable_variables)]
+  norm_trainables = [v for n in norms for v in n.trainable_variables]
+  if norm == "frozen":
+    assert not norm_trainables and not any(moved)
+  else:
+    assert len(norm_trainables) == 2 * len(norms) and all(moved)
+  assert sum(changed) >= 0.9 * len(changed)
+
+
+def test_get_config_round_trip():
+  model = build_tiny()
+  config = model.get_config()
+  json.dumps(config)  # Plain data, not live layers.
+  gin.clear_config()  # The clone must not rely on Gin.
+  clone = faster_rcnn.FasterRCNN.from_config(config)
+  assert clone.get_config() == config
+  faster_rcnn.build_variables(clone)
+  assert ([v.shape for v in clone.variables] ==
+          [v.shape for v in model.variables])
+  clone.set_weights(model.get_weights())
+  images, labels = make_batch(training=False)
+  expected = model.call_with_labels(images, labels, training=False)
+  got = clone.call_with_labels(images, labels, training=False)
+  for key in ("detection_boxes", "detection_scores", "num_detections"):
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-4)
+
+
+def test_mixed_bfloat16_keeps_boxes_float32():
+  tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = build_tiny()
+    images, labels = make_batch()
+    outputs = model.call_with_labels(tf.cast(images, tf.bfloat16), labels,
+                                     training=True)
+    assert outputs["decoder_features"]["2"].dtype == tf.bfloat16
+    for key in ("class_outputs", "box_outputs", "box_targets"):
+      assert outputs[key].dtype == tf.float32, key
+    assert outputs["rpn_boxes"]["2"].dtype == tf.float32
+    clone = faster_rcnn.FasterRCNN.from_config(model.get_config())
+    assert clone.roi_sampler[0].dtype_policy.name == "float32"
+    assert clone.backbone.dtype_policy.name == "mixed_bfloat16"
+  finally:
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("gin_file,depth,fc_dims,num_rois", [
+    ("r50_fpn.gin", 50, 1024, 512), ("demo.gin", 18, 256, 128)])
+def test_gin_model_files(gin_file, depth, fc_dims, num_rois):
+  gin.add_config_file_search_path(_REPO)
+  gin.parse_config_files_and_bindings(
+      [os.path.join(_REPO, "gin", "model", gin_file)], [])
+  model = faster_rcnn.build_faster_rcnn(num_classes=CATEGORY_MAP.num_classes)
+  config = model.get_config()
+  assert config["backbone"]["config"]["depth"] == depth
+  assert config["detection_head"]["config"]["fc_dims"] == fc_dims
+  assert config["roi_sampler"]["config"]["num_sampled_rois"] == num_rois
+  assert config["roi_aligner"]["config"]["crop_size"] == 7
+  assert config["aspect_ratios"] == [0.5, 1.0, 2.0]
+  # The parser labels the anchors the model decodes.
+  parser = DetectionParser(category_map=CATEGORY_MAP, short_side=SIZE,
+                           long_side=SIZE)
+  _, labels = parser.parse_fn(is_training=False)(_decoded_example(0))
+  expected = anchor.Anchor(
+      min_level=config["min_level"], max_level=config["max_level"],
+      num_scales=config["num_scales"], aspect_ratios=config["aspect_ratios"],
+      anchor_size=config["anchor_size"], image_size=(SIZE, SIZE))
+  assert sorted(labels["anchor_boxes"]) == sorted(expected.multilevel_boxes)
+  for level, boxes in expected.multilevel_boxes.items():
+    np.testing.assert_allclose(labels["anchor_boxes"][level], boxes)
+
+
+def _mirrored_child():
+  """One cgbn training step on 4 logical CPU replicas; prints a JSON report."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(
+      cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
+  strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(4)])
+  norm = "cgbn"
+  with strategy.scope():
+    model = build_tiny(norm, "ResNet.recompute = True\n")
+    optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
+  images, labels = make_batch(batch_size=4)
+  dataset = tf.data.Dataset.from_tensors((images, labels)).unbatch().batch(4)
+  inputs = next(iter(strategy.experimental_distribute_dataset(dataset)))
+  norms = _norm_layers(model)
+  before = [v.numpy() for v in model.trainable_variables]
+  moving_before = [n.moving_mean.numpy() for n in norms]
+
+  @tf.function
+  def step(images, labels):
+    def replica_step(images, labels):
+      with tf.GradientTape() as tape:
+        outputs = model.call_with_labels(images, labels, training=True)
+        terms = losses.FasterRCNNLoss()(outputs, labels,
+                                        model.trainable_variables)
+        loss = terms["total_loss"] / strategy.num_replicas_in_sync
+      grads = tape.gradient(loss, model.trainable_variables)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+      return terms["total_loss"]
+    return strategy.run(replica_step, args=(images, labels))
+
+  per_replica_loss = step(*inputs)
+  losses_by_replica = [float(x) for x in
+                       strategy.experimental_local_results(per_replica_loss)]
+  spread = 0.0
+  for v in model.variables:
+    values = [c.numpy() for c in v.values] if hasattr(v, "values") else []
+    for other in values[1:]:
+      spread = max(spread, float(np.max(np.abs(other - values[0]))))
+  changed = sum(not np.array_equal(b, v.numpy())
+                for b, v in zip(before, model.trainable_variables))
+  print(json.dumps({
+      "norm": type(norms[0]).__name__,
+      "replicas": strategy.num_replicas_in_sync,
+      "losses": losses_by_replica,
+      "max_spread": spread,
+      "changed": changed,
+      "trainable": len(before),
+      "moving_moved": sum(not np.array_equal(b, n.moving_mean.numpy())
+                          for b, n in zip(moving_before, norms)),
+      "norms": len(norms),
+  }))
+
+
+@pytest.mark.slow
+def test_mirrored_step_keeps_replicas_identical():
+  result = subprocess.run(
+      [sys.executable, os.path.abspath(__file__), "mirrored"],
+      capture_output=True, text=True, timeout=900, check=False, cwd=_REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["norm"] == "CrossReplicaBatchNormalization"
+  assert report["replicas"] == 4
+  assert all(np.isfinite(report["losses"]))
+  assert len(set(report["losses"])) > 1  # Replicas saw different images.
+  assert report["max_spread"] == 0.0
+  assert report["changed"] >= 0.9 * report["trainable"]
+  assert report["moving_moved"] == report["norms"]
+
+
+@pytest.mark.slow
+def test_overfits_a_few_shapes_images(tmp_path):
+  """Four generated images, 400 steps: COCO AP on them above 0.9."""
+  root = str(tmp_path)
+  shapes_dataset.write_shapes_dataset(root, num_train=4, num_val=0,
+                                      image_size=SIZE, seed=0,
+                                      scale_range=(0.15, 0.7))
+  annotations = os.path.join(root, "annotations", "instances_train.json")
+  coco_tfrecord.convert_coco(os.path.join(root, "train"), annotations,
+                             os.path.join(root, "tfrecord", "train"),
+                             num_shards=1)
+  category_map = CategoryMap([c["id"] for c in shapes_dataset.CATEGORIES])
+  parser = DetectionParser(category_map=category_map, short_side=SIZE,
+                           long_side=SIZE, aug_rand_hflip=False, seed=0)
+  pattern = os.path.join(root, "tfrecord", "train-*")
+  train = iter(InputReader(pattern, global_batch_size=4, parser=parser,
+                           deterministic=True, seed=0)())
+  evaluation = InputReader(pattern, global_batch_size=4, is_training=False,
+                           parser=parser)()
+  gin.add_config_file_search_path(_REPO)
+  gin.parse_config_files_and_bindings(
+      [os.path.join(_REPO, "gin", "model", "demo.gin")],
+      ["build_norm.norm = 'bn'"])
+  tf.keras.utils.set_random_seed(0)
+  model = faster_rcnn.build_faster_rcnn(num_classes=category_map.num_classes)
+  optimizer = tf.keras.optimizers.SGD(
+      tf.keras.optimizers.schedules.PiecewiseConstantDecay(
+          [50, 300], [0.002, 0.02, 0.002]), momentum=0.9)
+  step = tf.function(train_step)
+  for _ in range(400):
+    terms = step(model, *next(train), optimizer)
+  assert float(terms["model_loss"]) < 0.2
+
+  evaluator = COCOEvaluator(annotations, category_map)
+  infer = tf.function(lambda images, labels: model.call_with_labels(
+      images, labels, training=False))
+  for images, labels in evaluation:
+    outputs = infer(images, labels)
+    evaluator.update(dict(outputs, source_id=labels["source_id"],
+                          image_info=labels["image_info"]))
+  metrics = evaluator.evaluate()
+  assert metrics["AP"] > 0.9, metrics
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["mirrored"]:
+  _mirrored_child()
