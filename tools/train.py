@@ -88,12 +88,18 @@ def main(argv):
   logging.info("Gin config:\n%s", config)
   with open(os.path.join(FLAGS.model_dir, "config.gin"), "w") as f:
     f.write(config)
+  exit_code = 0
   try:
     run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)
   except trainer_lib.TrainingDivergedError as e:
     logging.error("%s", e)
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(EXIT_DIVERGED)
+    exit_code = EXIT_DIVERGED
+  # Everything is saved and flushed; skip Python's teardown of the traced
+  # graphs, which takes minutes for a replicated detector.
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(exit_code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

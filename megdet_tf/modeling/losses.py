@@ -49,6 +49,10 @@ def decayed_variables(variables: Iterable[tf.Variable],
 class FasterRCNNLoss:
   """Computes every loss term of a Faster R-CNN training step."""
 
+  # The terms `__call__` returns, in order.
+  KEYS = ("rpn_score_loss", "rpn_box_loss", "frcnn_cls_loss", "frcnn_box_loss",
+          "model_loss", "l2_loss", "total_loss")
+
   def __init__(self,
                rpn_batch_size_per_im: int = 256,
                rpn_huber_loss_delta: float = 1.0 / 9.0,

@@ -29,8 +29,10 @@ from megdet_tf.modeling.losses import FasterRCNNLoss
 from megdet_tf.modeling.pretrained import load_keras_applications_resnet
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
 from megdet_tf.optimization import optimizer as optimizer_lib
+from megdet_tf.training import profiling
 
 
+LOSS_KEYS = FasterRCNNLoss.KEYS + ("gradient_norm",)
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes",
                   "num_detections")
 
@@ -132,6 +134,8 @@ class DetectorTrainer:
     self.loss_fn = FasterRCNNLoss()
     self._summary_writer = tf.summary.create_file_writer(
         model_dir if self.is_chief else directory)
+    self._profile_window = profiling.ProfileWindow(model_dir,
+                                                   capture=self.is_chief)
     self._train_loop = None
 
   @property
@@ -178,24 +182,31 @@ class DetectorTrainer:
     return losses
 
   def _build_train_loop(self) -> Callable:
-    replica_step = tf.function(self._replica_step,
-                               jit_compile=self._jit_compile or None)
+    # Traced inline unless XLA compiles it: the collectives' call-time
+    # instance keys must be captured by the outer function (tf.function
+    # nesting would leave them unfed inside the loop).
+    replica_step = (tf.function(self._replica_step, jit_compile=True)
+                    if self._jit_compile else self._replica_step)
 
     @tf.function
     def train_loop(iterator, num_steps):
-      """Runs up to `num_steps` steps; stops early on a diverging loss."""
-      losses = self._reduce(self.strategy.run(replica_step,
-                                              args=next(iterator)))
-      steps = tf.constant(1)
-      for _ in tf.range(num_steps - 1):
-        if not self._is_healthy(losses["total_loss"]):
-          break
+      """Runs up to `num_steps` steps; stops after a diverging one."""
+      losses = {k: tf.constant(0.0) for k in LOSS_KEYS}
+      steps = tf.constant(0)
+      for _ in tf.range(num_steps):
         losses = self._reduce(self.strategy.run(replica_step,
                                                 args=next(iterator)))
         steps += 1
+        if not self._is_healthy(losses["total_loss"]):
+          break
       return losses, steps
 
     return train_loop
+
+  @staticmethod
+  def _next_batch(iterator):
+    with tf.name_scope("input_wait"):  # Findable in a profile.
+      return next(iterator)
 
   def _reduce(self, per_replica_losses: Dict[str, tf.Tensor]):
     """Mean over replicas of each loss term."""
@@ -231,52 +242,59 @@ class DetectorTrainer:
     if self._train_loop is None:
       self._train_loop = self._build_train_loop()
     iterator = iter(self.train_reader.distribute(self.strategy, self.step))
-    last_log, losses = 0.0, {}
+    last_log, losses, traced = 0.0, {}, True
     while self.step < end:
-      start_step, start = self.step, time.time()
+      start = time.time()
       num_steps = self._steps_until_boundary(end)
-      losses, steps = self._train_loop(iterator, tf.constant(num_steps))
-      losses = {k: float(v) for k, v in losses.items()}
+      with self._profile_window.loop(self.step, num_steps, end):
+        losses, steps = self._train_loop(iterator, tf.constant(num_steps))
+        losses = {k: float(v) for k, v in losses.items()}
       self._check_divergence(losses)
       elapsed = time.time() - start
-      self._write_train_summaries(losses, int(steps), elapsed)
+      self._write_train_summaries(losses, int(steps), elapsed, traced)
       if time.time() - last_log >= self._log_every_seconds or self.step >= end:
         last_log = time.time()
-        self._log_progress(losses, int(steps), elapsed, end, start_step)
+        self._log_progress(losses, int(steps), elapsed, end, traced)
+      traced = False
       if self.step % self._checkpoint_every_steps == 0 or self.step >= end:
         self._save()
       if (evaluate and self._eval_every_steps and self.step < end and
           self.step % self._eval_every_steps == 0):
         self.evaluate()
+    self._summary_writer.flush()
     return losses
 
   def _steps_until_boundary(self, end: int) -> int:
-    """Loop length that stops on checkpoint, evaluation and end steps."""
+    """Loop length that stops on checkpoint, evaluation, profile, end steps."""
     periods = [self._checkpoint_every_steps, self._steps_per_loop]
     if self._eval_every_steps:
       periods.append(self._eval_every_steps)
     step = self.step
-    next_boundary = min(step + p - step % p for p in periods)
-    return min(next_boundary, end) - step
+    boundaries = [step + p - step % p for p in periods]
+    boundaries += self._profile_window.boundaries_after(step)
+    return min(min(boundaries), end) - step
 
-  def _write_train_summaries(self, losses, steps, elapsed):
+  def _write_train_summaries(self, losses, steps, elapsed, traced):
     with self._summary_writer.as_default(step=self.step):
       for name, value in losses.items():
         tf.summary.scalar(f"train/{name}", value)
       tf.summary.scalar("train/learning_rate",
                         float(self.schedule(self.step - 1)))
+      if traced:
+        return
       tf.summary.scalar("train/images_per_second",
                         steps * self.global_batch_size / elapsed)
       tf.summary.scalar("train/step_time_seconds", elapsed / steps)
 
-  def _log_progress(self, losses, steps, elapsed, end, start_step):
-    images_per_second = steps * self.global_batch_size / elapsed
-    eta = (end - self.step) * elapsed / steps
+  def _log_progress(self, losses, steps, elapsed, end, traced):
+    """One console line; the loop that traced the step has no fair rate."""
+    eta = time.strftime("%H:%M:%S",
+                        time.gmtime((end - self.step) * elapsed / steps))
     logging.info(
-        "step %d/%d  loss %.4f  lr %.4g  %.1f img/s  ETA %s%s", self.step,
-        end, losses["total_loss"], float(self.schedule(self.step - 1)),
-        images_per_second, time.strftime("%H:%M:%S", time.gmtime(eta)),
-        "  (includes tracing)" if start_step == 0 else "")
+        "step %d/%d  loss %.4f  lr %.4g  %s", self.step, end,
+        losses["total_loss"], float(self.schedule(self.step - 1)),
+        f"traced and ran in {elapsed:.0f} s" if traced else
+        f"{steps * self.global_batch_size / elapsed:.1f} img/s  ETA {eta}")
 
   def evaluate(self) -> Dict[str, float]:
     """COCO metrics of the current weights on the eval split."""
@@ -301,6 +319,7 @@ class DetectorTrainer:
     with self._summary_writer.as_default(step=self.step):
       for name, value in metrics.items():
         tf.summary.scalar(f"eval/{name}", value)
+    self._summary_writer.flush()
     logging.info("step %d COCO metrics: %s", self.step,
                  "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

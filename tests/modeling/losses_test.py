@@ -79,6 +79,7 @@ def test_terms_match_reference(rpn_batch_size_per_im):
     np.testing.assert_allclose(got[name], value, rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(got["model_loss"], sum(expected.values()),
                              rtol=1e-5)
+  assert tuple(got) == losses.FasterRCNNLoss.KEYS
   np.testing.assert_allclose(got["total_loss"],
                              got["model_loss"] + got["l2_loss"], rtol=1e-6)
   assert all(v.dtype == tf.float32 for v in got.values())
