@@ -12,9 +12,11 @@ its Mask R-CNN parser does, with what MegDet training needs on top:
 Training labels are exactly those of Model Garden's Mask R-CNN parser with
 masks off (anchor boxes, RPN targets, image_info, padded gt boxes/classes).
 Evaluation labels keep what maps detections back to the original image:
-`source_id` and `image_info`.
+`source_id` and `image_info`. `preprocess_image` and `anchor_boxes` are the
+evaluation preprocessing of a bare image, which the SavedModel export runs
+inside its serving graph.
 """
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import gin
 import tensorflow as tf
@@ -121,6 +123,20 @@ class DetectionParser(parser.Parser):
         aug_scale_min=aug_scale_min, aug_scale_max=aug_scale_max,
         seed=self._seed)
 
+  def preprocess_image(self, image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Evaluation preprocessing of one decoded [H, W, 3] uint8 image.
+
+    Returns the normalised image resized and padded to `padded_size` (in the
+    parser's dtype) and its `image_info` [4, 2] (original size, scaled size,
+    scale, offset).
+    """
+    image, image_info = self._resize(image)
+    return tf.cast(image, self._dtype), image_info
+
+  def anchor_boxes(self) -> Dict[str, tf.Tensor]:
+    """Anchors of the padded image: {level: [H_l, W_l, 4 * anchors]}."""
+    return self._anchor_generator(image_size=self.padded_size)
+
   def _parse_train_data(self, data):
     keep = tf.where(tf.logical_not(data["groundtruth_is_crowd"]))[:, 0]
     classes = self._contiguous_classes(tf.gather(data["groundtruth_classes"],
@@ -141,7 +157,7 @@ class DetectionParser(parser.Parser):
     boxes = tf.gather(boxes, non_empty)
     classes = tf.gather(classes, non_empty)
 
-    anchor_boxes = self._anchor_generator(image_size=self.padded_size)
+    anchor_boxes = self.anchor_boxes()
     rpn_score_targets, rpn_box_targets = self._anchor_labeler.label_anchors(
         anchor_boxes, boxes,
         tf.cast(tf.expand_dims(classes, axis=-1), tf.float32))
@@ -158,10 +174,10 @@ class DetectionParser(parser.Parser):
     return tf.cast(image, self._dtype), labels
 
   def _parse_eval_data(self, data):
-    image, image_info = self._resize(data["image"])
+    image, image_info = self.preprocess_image(data["image"])
     labels = {
         "source_id": dataloader_utils.process_source_id(data["source_id"]),
         "image_info": image_info,
-        "anchor_boxes": self._anchor_generator(image_size=self.padded_size),
+        "anchor_boxes": self.anchor_boxes(),
     }
-    return tf.cast(image, self._dtype), labels
+    return image, labels

@@ -119,3 +119,19 @@ def test_eval_keeps_what_maps_back_to_the_original_image():
 def test_padded_size_must_fit_the_stride():
   with pytest.raises(ValueError, match="padded_size"):
     make_parser(padded_size=(100, 100))
+
+
+def test_preprocess_image_is_the_eval_preprocessing():
+  parser = make_parser()
+  data = make_example(rects=RECTS)
+  image, labels = parser.parse_fn(is_training=False)(data)
+  served, info = parser.preprocess_image(data["image"])
+  np.testing.assert_array_equal(served, image)
+  np.testing.assert_array_equal(info, labels["image_info"])
+  anchors = parser.anchor_boxes()
+  assert anchors.keys() == labels["anchor_boxes"].keys()
+  for level, boxes in anchors.items():
+    np.testing.assert_array_equal(boxes, labels["anchor_boxes"][level])
+  portrait, info = parser.preprocess_image(tf.zeros([200, 50, 3], tf.uint8))
+  assert portrait.shape == (112, 112, 3)
+  np.testing.assert_allclose(info[1], [100, 25])
