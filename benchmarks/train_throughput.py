@@ -21,7 +21,6 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
 flags.DEFINE_list("replicas", ["1", "2", "4", "8"], "Replica counts.")
 flags.DEFINE_integer("steps", 30, "Timed steps per replica count.")
@@ -34,9 +33,9 @@ FLAGS = flags.FLAGS
 
 
 def build_trainer(model_dir, *gin_params):
-  import train  # pylint: disable=g-import-not-at-top
-  train.parse_gin(["gin/demo.gin"], list(gin_params))
-  return train.build_trainer(model_dir)
+  from megdet_tf.training import experiment  # pylint: disable=g-import-not-at-top
+  experiment.parse_gin(["gin/demo.gin"], list(gin_params))
+  return experiment.build_trainer(model_dir)
 
 
 def measure_throughput(replicas):

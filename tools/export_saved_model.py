@@ -15,16 +15,11 @@ from absl import app
 from absl import flags
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
-# tools/train.py (importable as `train`: Python puts this script's directory
-# first on sys.path) owns --gin_file/--gin_param, `parse_gin` and the Gin
-# configurables the training configs bind (`build_trainer`).
-import train  # pylint: disable=g-bad-import-order
 from megdet_tf.serving import export_saved_model as export_lib
+from megdet_tf.training import experiment
 
 FLAGS = flags.FLAGS
-# Only train.py's Gin flags apply to an export.
-for _name in ("model_dir", "mode", "max_steps", "checkpoint_path"):
-  delattr(FLAGS, _name)
+experiment.define_gin_flags()
 flags.DEFINE_string("checkpoint_path", None,
                     "Checkpoint prefix (runs/demo/ckpt-500) or a model_dir, "
                     "whose latest checkpoint is exported.")
@@ -37,7 +32,7 @@ flags.mark_flags_as_required(["checkpoint_path", "export_dir"])
 
 def main(argv):
   del argv
-  train.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+  experiment.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
   try:
     path = export_lib.export_saved_model(FLAGS.checkpoint_path,
                                          FLAGS.export_dir, FLAGS.version)

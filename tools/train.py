@@ -19,17 +19,12 @@ from absl import logging
 import gin
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
-from megdet_tf.dataloaders import prepare_shapes  # noqa: F401  pylint: disable=unused-import
-from megdet_tf.dataloaders.input_reader import InputReader
-from megdet_tf.training import strategy as strategy_lib
+from megdet_tf.training import experiment
 from megdet_tf.training import trainer as trainer_lib
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("train", "eval", "train_and_eval")
 
-flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings (repeatable), e.g. "
-                          "--gin_param=DetectorTrainer.steps_per_loop=50.")
+experiment.define_gin_flags()
 flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.")
 flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
 flags.DEFINE_integer("max_steps", None, "Stop training after this step.")
@@ -41,31 +36,9 @@ FLAGS = flags.FLAGS
 EXIT_DIVERGED = 3
 
 
-def parse_gin(gin_files, gin_params):
-  """Parses configs; misspelled names fail here, before any heavy work."""
-  gin.add_config_file_search_path(REPO_ROOT)
-  gin.parse_config_files_and_bindings(gin_files, gin_params)
-
-
-@gin.configurable(denylist=["model_dir"])
-def build_trainer(model_dir, prepare_data=None) -> trainer_lib.DetectorTrainer:
-  """Data (made first by `prepare_data`, e.g. the demo's), strategy, trainer."""
-  if prepare_data:
-    prepare_data()
-  with gin.config_scope("train"):
-    train_reader = InputReader(is_training=True)
-  with gin.config_scope("eval"):
-    eval_reader = InputReader(is_training=False)
-  for reader in (train_reader, eval_reader):
-    reader.check_files()  # A missing or foreign dataset fails before heavy work.
-  strategy = strategy_lib.build_strategy()
-  return trainer_lib.DetectorTrainer(strategy, model_dir, train_reader,
-                                     eval_reader)
-
-
 def run(model_dir, mode, max_steps=None, checkpoint_path=None):
   """Trains and/or evaluates; returns the COCO metrics if it evaluated."""
-  trainer = build_trainer(model_dir)
+  trainer = experiment.build_trainer(model_dir)
   if mode == "eval":
     if not trainer.restore(checkpoint_path):
       raise FileNotFoundError(
@@ -82,7 +55,7 @@ def run(model_dir, mode, max_steps=None, checkpoint_path=None):
 
 def main(argv):
   del argv
-  parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+  experiment.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
   os.makedirs(FLAGS.model_dir, exist_ok=True)
   config = gin.config_str()
   logging.info("Gin config:\n%s", config)

@@ -24,15 +24,21 @@ Detection API's names and dtypes, for D = the detection generator's
   for COCO, not contiguous indices), float as in the TF OD API;
 - `num_detections`: float32 [B]; entries past it are zero padding.
 
+The category names travel with the model: `<version>/assets/label_map.json`
+holds COCO's `{"categories": [{"id": ..., "name": ...}, ...]}` for the ids in
+`detection_classes` (`load_label_map` reads it back).
+
 The model is built from Gin outside any distribution strategy, in float32
 (also when it was trained in mixed precision), and called with
 `training=False`, so every normalization layer (frozen, per-replica or
 cross-replica BN) uses its moving statistics and the graph has no collective
 op: it runs on one CPU with plain TensorFlow.
 """
+import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Callable, Dict, Optional
 
 from absl import logging
@@ -41,11 +47,13 @@ import tensorflow as tf
 
 from official.vision.ops import box_ops
 
+from megdet_tf.dataloaders.category_map import CategoryMap
 from megdet_tf.dataloaders.detection_parser import DetectionParser
 from megdet_tf.modeling import faster_rcnn
 
 SIGNATURE_ENCODED = "serving_default"
 SIGNATURE_IMAGES = "serving_images"
+LABEL_MAP = "label_map.json"
 
 
 class DetectionModule(tf.Module):
@@ -55,6 +63,14 @@ class DetectionModule(tf.Module):
     super().__init__(name="detection_module")
     self.model = model
     self._parser = parser
+    # A SavedModel asset: copied into `assets/` when the module is saved.
+    self._label_map_dir = tempfile.TemporaryDirectory()
+    label_map = os.path.join(self._label_map_dir.name, LABEL_MAP)
+    with open(label_map, "w") as f:
+      json.dump({"categories": [
+          {"id": i, "name": parser.category_map.name(i)}
+          for i in parser.category_map.category_ids]}, f, indent=1)
+    self.label_map = tf.saved_model.Asset(label_map)
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name="encoded_images")])
@@ -110,6 +126,19 @@ class DetectionModule(tf.Module):
                                      tf.float32),
         "num_detections": tf.cast(detections["num_detections"], tf.float32),
     }
+
+
+def load_label_map(saved_model_dir: str) -> CategoryMap:
+  """The category ids and names of an exported model."""
+  path = os.path.join(saved_model_dir, "assets", LABEL_MAP)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f"{path} is missing: {saved_model_dir} is not a SavedModel exported "
+        "by tools/export_saved_model.py with its label map; re-export it")
+  with tf.io.gfile.GFile(path) as f:
+    categories = json.load(f)["categories"]
+  return CategoryMap([c["id"] for c in categories],
+                     [c["name"] for c in categories])
 
 
 def resolve_checkpoint(checkpoint_path: str) -> str:

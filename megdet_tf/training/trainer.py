@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from megdet_tf.dataloaders.input_reader import InputReader
 from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
+from megdet_tf.evaluation.image_summaries import EvalImageSummaries
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling.losses import FasterRCNNLoss
 from megdet_tf.modeling.pretrained import load_keras_applications_resnet
@@ -69,6 +70,7 @@ class DetectorTrainer:
                mixed_precision: Optional[str] = None,
                jit_compile: bool = False,
                eval_steps: Optional[int] = None,
+               num_summary_images: int = 4,
                seed: Optional[int] = None):
     """Builds model, optimizer, data and checkpointing under `strategy`.
 
@@ -88,6 +90,8 @@ class DetectorTrainer:
         with dynamic loss scaling).
       jit_compile: XLA-compile the per-replica step.
       eval_steps: evaluate on this many batches only (None: the whole split).
+      num_summary_images: validation images shown with their ground-truth
+        and detected boxes in TensorBoard at each evaluation (0: none).
       seed: seeds Python, NumPy and TensorFlow (weight initialisation and
         random ops) for repeatable runs; None = a fresh random start.
     """
@@ -101,6 +105,7 @@ class DetectorTrainer:
     self._max_loss = max_loss
     self._jit_compile = jit_compile
     self._eval_steps = eval_steps
+    self._num_summary_images = num_summary_images
     if seed is not None:
       tf.keras.utils.set_random_seed(seed)
     if mixed_precision:
@@ -194,19 +199,15 @@ class DetectorTrainer:
       losses = {k: tf.constant(0.0) for k in LOSS_KEYS}
       steps = tf.constant(0)
       for _ in tf.range(num_steps):
-        losses = self._reduce(self.strategy.run(replica_step,
-                                                args=next(iterator)))
+        with tf.name_scope("input_wait"):  # Findable in a profile.
+          batch = next(iterator)
+        losses = self._reduce(self.strategy.run(replica_step, args=batch))
         steps += 1
         if not self._is_healthy(losses["total_loss"]):
           break
       return losses, steps
 
     return train_loop
-
-  @staticmethod
-  def _next_batch(iterator):
-    with tf.name_scope("input_wait"):  # Findable in a profile.
-      return next(iterator)
 
   def _reduce(self, per_replica_losses: Dict[str, tf.Tensor]):
     """Mean over replicas of each loss term."""
@@ -299,19 +300,19 @@ class DetectorTrainer:
   def evaluate(self) -> Dict[str, float]:
     """COCO metrics of the current weights on the eval split."""
     evaluator = COCOEvaluator(category_map=self.category_map)
-
-    @tf.function
-    def predict(images, labels):
-      return self.strategy.gather(
-          self.strategy.run(self._replica_predict, args=(images, labels)),
-          axis=0)
+    images_summary = EvalImageSummaries(
+        evaluator.ground_truth, self.category_map, self._num_summary_images)
 
     dataset = self.eval_reader.distribute(self.strategy)
     for i, (images, labels) in enumerate(dataset):
       if self._eval_steps is not None and i >= self._eval_steps:
         break
-      evaluator.update(tf.nest.map_structure(lambda t: t.numpy(),
-                                             predict(images, labels)))
+      predictions = tf.nest.map_structure(lambda t: t.numpy(),
+                                          self._predict(images, labels))
+      evaluator.update(predictions)
+      local = self.strategy.experimental_local_results
+      images_summary.add(local(images), local(labels["source_id"]),
+                         predictions)
     if self.is_chief:
       evaluator.write_detections(os.path.join(self.model_dir,
                                               "detections_val.json"))
@@ -319,12 +320,26 @@ class DetectorTrainer:
     with self._summary_writer.as_default(step=self.step):
       for name, value in metrics.items():
         tf.summary.scalar(f"eval/{name}", value)
+      images_summary.write()
     self._summary_writer.flush()
     logging.info("step %d COCO metrics: %s", self.step,
                  "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
+  @tf.function
+  def _predict(self, images, labels):
+    """Detections of every replica's images (traced once per batch shape)."""
+    return self.strategy.experimental_local_results(
+        self.strategy.run(self._replica_predict, args=(images, labels)))[0]
+
   def _replica_predict(self, images, labels):
+    """Every replica's outputs, gathered on each replica.
+
+    The replica context's all-gather, not `strategy.gather`: in TF 2.20 the
+    latter returns only the first replica's rows under MirroredStrategy on
+    logical CPU devices.
+    """
     outputs = self.model.call_with_labels(images, labels, training=False)
-    return dict(source_id=labels["source_id"], image_info=labels["image_info"],
-                **{k: outputs[k] for k in DETECTION_KEYS})
+    return tf.distribute.get_replica_context().all_gather(
+        dict(source_id=labels["source_id"], image_info=labels["image_info"],
+             **{k: outputs[k] for k in DETECTION_KEYS}), axis=0)

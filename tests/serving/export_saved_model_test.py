@@ -2,8 +2,9 @@
 
 Fast tests run the serving module of a tiny random detector in process and
 the versioned, atomic save on a trivial module. The slow tests share one
-export: a demo detector trained by `tools/train.py` (2 replicas, cross-replica
-BN) until it detects the shapes of four generated images, exported by
+export: the session's demo detector (`trained_demo` in tests/conftest.py,
+trained by `tools/train.py` on 2 replicas with cross-replica BN until it
+detects the shapes of four generated images), exported by
 `tools/export_saved_model.py`, then inspected and run by `saved_model_cli`
 and by a fresh Python process that imports TensorFlow only.
 """
@@ -24,8 +25,6 @@ import tensorflow as tf
 
 from tensorflow.core.protobuf import saved_model_pb2
 
-from megdet_tf.dataloaders import coco_tfrecord
-from megdet_tf.dataloaders import shapes_dataset
 from megdet_tf.dataloaders.category_map import CategoryMap
 from megdet_tf.dataloaders.detection_parser import DetectionParser
 from megdet_tf.dataloaders.input_reader import InputReader
@@ -34,7 +33,6 @@ from megdet_tf.serving import export_saved_model as export_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
-TRAIN = os.path.join(REPO, "tools", "train.py")
 EXPORT = os.path.join(REPO, "tools", "export_saved_model.py")
 # The console script TensorFlow installs, or the same program as a module.
 SAVED_MODEL_CLI = ([shutil.which("saved_model_cli")]
@@ -204,69 +202,18 @@ def test_checkpoint_paths_and_steps(tmp_path):
 
 # --- Slow: a trained demo detector, exported and served. ---------------------
 
-TRAIN_STEPS = 200
-SIZE = 128
-
-
-def train_params(root):
-  """Bindings over gin/demo.gin that overfit four 128 px images."""
-  params = {
-      "build_trainer.prepare_data": None,
-      "train/InputReader.file_pattern": repr(f"{root}/tfrecord/train-*"),
-      "eval/InputReader.file_pattern": repr(f"{root}/tfrecord/train-*"),
-      "train/InputReader.deterministic": True,
-      "train/InputReader.seed": 0,
-      "DetectorTrainer.seed": 0,
-      "DetectionParser.aug_rand_hflip": False,
-      "DetectionParser.short_side": SIZE,
-      "DetectionParser.long_side": SIZE,
-      "build_strategy.kind": "'mirrored'",
-      "build_strategy.num_cpu_replicas": 2,
-      "GLOBAL_BATCH_SIZE": 4,
-      "NUM_TRAIN_IMAGES": 4,
-      "build_lr_schedule.reference_batch_size": 4,
-      "build_lr_schedule.warmup_steps": 50,
-      "build_lr_schedule.warmup_start_learning_rate": 0.002,
-      "DecayPolicy.total_epochs": TRAIN_STEPS,
-      "DecayPolicy.decay_epochs": [TRAIN_STEPS * 4 // 5],
-      "DecayPolicy.multipliers": [0.1],
-      "DetectorTrainer.steps_per_loop": 50,
-      "DetectorTrainer.checkpoint_every_steps": TRAIN_STEPS,
-  }
-  return [f"{k}={v}" for k, v in params.items()]
-
-
-def gin_flags(params):
-  return ["--gin_file=gin/demo.gin"] + [f"--gin_param={p}" for p in params]
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-  """Trains, exports; returns paths, the Gin bindings and the annotations."""
-  root = str(tmp_path_factory.mktemp("serving"))
-  shapes_dataset.write_shapes_dataset(root, num_train=4, num_val=0,
-                                      image_size=SIZE, seed=0,
-                                      scale_range=(0.15, 0.7))
-  annotations = os.path.join(root, "annotations", "instances_train.json")
-  coco_tfrecord.convert_coco(os.path.join(root, "train"), annotations,
-                             os.path.join(root, "tfrecord", "train"),
-                             num_shards=1)
-  params = train_params(root)
-  model_dir = os.path.join(root, "run")
-  trained = run([sys.executable, TRAIN, f"--model_dir={model_dir}",
-                 "--mode=train"] + gin_flags(params))
-  assert trained.returncode == 0, trained.stderr[-3000:]
-  export_dir = os.path.join(root, "export")
-  export = run([sys.executable, EXPORT, f"--checkpoint_path={model_dir}",
-                f"--export_dir={export_dir}"] + gin_flags(params))
+def exported(trained_demo, tmp_path_factory):
+  """The session's trained demo detector (tests/conftest.py), exported."""
+  export_dir = str(tmp_path_factory.mktemp("serving") / "export")
+  export = run([sys.executable, EXPORT,
+                f"--checkpoint_path={trained_demo.model_dir}",
+                f"--export_dir={export_dir}"] + trained_demo.gin_flags)
   assert export.returncode == 0, export.stderr[-3000:]
-  with open(annotations) as f:
-    coco = json.load(f)
   return types.SimpleNamespace(
-      root=root, params=params, model_dir=model_dir, export_dir=export_dir,
-      saved_model=os.path.join(export_dir, str(TRAIN_STEPS)), coco=coco,
-      files=[os.path.join(root, "train", image["file_name"])
-             for image in coco["images"]])
+      export_dir=export_dir,
+      saved_model=os.path.join(export_dir, str(trained_demo.steps)),
+      **vars(trained_demo))
 
 
 def ground_truth(coco, image_index):
@@ -324,6 +271,13 @@ def test_saved_model_cli_show_lists_both_signatures(exported):
 
 
 @pytest.mark.slow
+def test_label_map_names_the_exported_categories(exported):
+  categories = export_lib.load_label_map(exported.saved_model)
+  assert [{"id": i, "name": categories.name(i)}
+          for i in categories.category_ids] == exported.coco["categories"]
+
+
+@pytest.mark.slow
 def test_exported_graph_has_no_collective_op(exported):
   saved_model = saved_model_pb2.SavedModel()
   with open(os.path.join(exported.saved_model, "saved_model.pb"), "rb") as f:
@@ -340,8 +294,9 @@ def test_exported_graph_has_no_collective_op(exported):
 def test_saved_model_cli_runs_both_signatures(exported, tmp_path):
   # A demo image 1.5x the training size, as PNG so both inputs hold the same
   # pixels.
-  pixels = np.asarray(Image.open(exported.files[0]).resize(
-      (SIZE * 3 // 2, SIZE * 3 // 2), Image.BICUBIC))
+  size = exported.image_size * 3 // 2
+  pixels = np.asarray(Image.open(exported.files[0]).resize((size, size),
+                                                           Image.BICUBIC))
   encoded, uint8 = str(tmp_path / "encoded.npy"), str(tmp_path / "uint8.npy")
   np.save(encoded, np.array([png(pixels)], dtype=object), allow_pickle=True)
   np.save(uint8, pixels[None])
@@ -463,11 +418,12 @@ def test_second_export_of_a_version_fails_and_keeps_the_first(exported):
             for d, _, names in os.walk(exported.export_dir) for name in names}
 
   before = snapshot()
+  steps = exported.steps
   again = run([sys.executable, EXPORT,
-               f"--checkpoint_path={exported.model_dir}/ckpt-{TRAIN_STEPS}",
+               f"--checkpoint_path={exported.model_dir}/ckpt-{steps}",
                f"--export_dir={exported.export_dir}",
-               f"--version={TRAIN_STEPS}"] + gin_flags(exported.params))
+               f"--version={steps}"] + exported.gin_flags)
   assert again.returncode != 0
-  assert f"Version {TRAIN_STEPS} already exists" in again.stderr
+  assert f"Version {steps} already exists" in again.stderr
   assert snapshot() == before
-  assert os.listdir(exported.export_dir) == [str(TRAIN_STEPS)]
+  assert os.listdir(exported.export_dir) == [str(steps)]

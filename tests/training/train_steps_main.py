@@ -8,21 +8,18 @@ difference between any replica's copy of a weight and replica 0's, and a
 checksum of the weights (to compare workers).
 """
 import json
-import os
 import sys
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..",
-                                "tools"))
-import train  # pylint: disable=g-import-not-at-top
+from megdet_tf.training import experiment
 
 
 def main(model_dir, steps, gin_params):
-  train.parse_gin(["gin/demo.gin"], gin_params)
-  trainer = train.build_trainer(model_dir)
+  experiment.parse_gin(["gin/demo.gin"], gin_params)
+  trainer = experiment.build_trainer(model_dir)
   losses = [trainer.train(max_steps=step)["total_loss"]
             for step in range(1, steps + 1)]
   replica_diff = max(

@@ -55,13 +55,21 @@ def _group_all_gather(launcher: cross_device_utils.CollectiveReplicaLauncher,
   `CollectiveGatherV2` has no registered gradient. Member r's row reaches every
   member, so its gradient is the group sum of the incoming gradients' row r:
   one all-reduce of [group_size, D] in the backward pass.
+
+  Both collectives are named after the calling layer's scope
+  (`.../cgbn_allgather`, `.../cgbn_grad_allreduce`) so that profiles attribute
+  them; the gradient would otherwise be created anonymously at the top level.
   """
+  scope = tf.get_current_name_scope()
+  scope = f"{scope}/" if scope else ""
 
   @tf.custom_gradient
   def gather(x):
     def grad(dy):
-      return launcher.all_reduce(dy)[rank:rank + 1]
-    gathered = launcher._all_gather(x, None)  # pylint: disable=protected-access
+      with tf.name_scope(f"{scope}cgbn_grad_allreduce/"):
+        return launcher.all_reduce(dy)[rank:rank + 1]
+    with tf.name_scope("cgbn_allgather"):
+      gathered = launcher._all_gather(x, None)  # pylint: disable=protected-access
     return gathered, grad
 
   return gather(packed)
