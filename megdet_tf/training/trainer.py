@@ -339,7 +339,17 @@ class DetectorTrainer:
     latter returns only the first replica's rows under MirroredStrategy on
     logical CPU devices.
     """
-    outputs = self.model.call_with_labels(images, labels, training=False)
+    # A short last batch can leave a replica with no image, and the CPU
+    # kernels fail on an empty batch: run one blank image instead, keep none.
+    count = tf.shape(images)[0]
+    pad = tf.cast(tf.equal(count, 0), tf.int32)
+    images, model_labels = tf.nest.map_structure(
+        lambda t: tf.concat([t, tf.zeros(
+            tf.concat([[pad], tf.shape(t)[1:]], 0), t.dtype)], 0),
+        (images, {k: labels[k] for k in ("image_info", "anchor_boxes")}))
+    outputs = self.model.call_with_labels(images, model_labels,
+                                          training=False)
+    outputs = {k: outputs[k][:count] for k in DETECTION_KEYS}
     return tf.distribute.get_replica_context().all_gather(
         dict(source_id=labels["source_id"], image_info=labels["image_info"],
-             **{k: outputs[k] for k in DETECTION_KEYS}), axis=0)
+             **outputs), axis=0)
