@@ -183,6 +183,11 @@ class COCOEvaluator:
           [np.full([n, 1], image_id), boxes[b, :n], scores[b, :n, None],
            category_ids[b, :n, None]], axis=1))
 
+  @property
+  def num_images(self) -> int:
+    """Images added since the last reset."""
+    return len(self._image_ids)
+
   def detections(self) -> List[Dict[str, Any]]:
     """The accumulated detections in COCO results format."""
     return [{"image_id": int(row[0]), "category_id": int(row[6]),

@@ -316,6 +316,13 @@ class DetectorTrainer:
     if self.is_chief:
       evaluator.write_detections(os.path.join(self.model_dir,
                                               "detections_val.json"))
+    if (self._eval_steps is None and
+        evaluator.num_images < len(evaluator.ground_truth.imgs)):
+      logging.warning(
+          "Evaluated %d of the %d images of %s: the eval TFRecords "
+          "(eval/InputReader.file_pattern) hold only part of that split, so "
+          "the metrics are for that part.", evaluator.num_images,
+          len(evaluator.ground_truth.imgs), evaluator.annotations_file)
     metrics = evaluator.evaluate()
     with self._summary_writer.as_default(step=self.step):
       for name, value in metrics.items():

@@ -1,13 +1,11 @@
-"""The detector end to end: outputs, norm kinds, config, replicas, learning.
+"""The detector end to end: outputs, norm kinds, config, Gin model files.
 
-Inputs come from the real `DetectionParser`. The MirroredStrategy test runs
-this file as a script in a subprocess, because logical CPU devices must be
-configured before TensorFlow initializes its devices.
+Inputs come from the real `DetectionParser`. Training it on several replicas
+(CGBN, recomputation) is tested in tests/training/train_test.py, and its
+learning on the session's trained demo (COCO AP > 0.9 on four images).
 """
 import json
 import os
-import subprocess
-import sys
 
 import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
 import gin
@@ -17,12 +15,8 @@ import tensorflow as tf
 
 from official.vision.ops import anchor
 
-from megdet_tf.dataloaders import coco_tfrecord
-from megdet_tf.dataloaders import shapes_dataset
 from megdet_tf.dataloaders.category_map import CategoryMap
 from megdet_tf.dataloaders.detection_parser import DetectionParser
-from megdet_tf.dataloaders.input_reader import InputReader
-from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling import losses
 from megdet_tf.modeling.layers import normalization
@@ -235,120 +229,3 @@ def test_gin_model_files(gin_file, depth, fc_dims, num_rois):
   assert sorted(labels["anchor_boxes"]) == sorted(expected.multilevel_boxes)
   for level, boxes in expected.multilevel_boxes.items():
     np.testing.assert_allclose(labels["anchor_boxes"][level], boxes)
-
-
-def _mirrored_child():
-  """One cgbn training step on 4 logical CPU replicas; prints a JSON report."""
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
-  strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(4)])
-  norm = "cgbn"
-  with strategy.scope():
-    model = build_tiny(norm, "ResNet.recompute = True\n")
-    optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
-  images, labels = make_batch(batch_size=4)
-  dataset = tf.data.Dataset.from_tensors((images, labels)).unbatch().batch(4)
-  inputs = next(iter(strategy.experimental_distribute_dataset(dataset)))
-  norms = _norm_layers(model)
-  before = [v.numpy() for v in model.trainable_variables]
-  moving_before = [n.moving_mean.numpy() for n in norms]
-
-  @tf.function
-  def step(images, labels):
-    def replica_step(images, labels):
-      with tf.GradientTape() as tape:
-        outputs = model.call_with_labels(images, labels, training=True)
-        terms = losses.FasterRCNNLoss()(outputs, labels,
-                                        model.trainable_variables)
-        loss = terms["total_loss"] / strategy.num_replicas_in_sync
-      grads = tape.gradient(loss, model.trainable_variables)
-      optimizer.apply_gradients(zip(grads, model.trainable_variables))
-      return terms["total_loss"]
-    return strategy.run(replica_step, args=(images, labels))
-
-  per_replica_loss = step(*inputs)
-  losses_by_replica = [float(x) for x in
-                       strategy.experimental_local_results(per_replica_loss)]
-  spread = 0.0
-  for v in model.variables:
-    values = [c.numpy() for c in v.values] if hasattr(v, "values") else []
-    for other in values[1:]:
-      spread = max(spread, float(np.max(np.abs(other - values[0]))))
-  changed = sum(not np.array_equal(b, v.numpy())
-                for b, v in zip(before, model.trainable_variables))
-  print(json.dumps({
-      "norm": type(norms[0]).__name__,
-      "replicas": strategy.num_replicas_in_sync,
-      "losses": losses_by_replica,
-      "max_spread": spread,
-      "changed": changed,
-      "trainable": len(before),
-      "moving_moved": sum(not np.array_equal(b, n.moving_mean.numpy())
-                          for b, n in zip(moving_before, norms)),
-      "norms": len(norms),
-  }))
-
-
-@pytest.mark.slow
-def test_mirrored_step_keeps_replicas_identical():
-  result = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), "mirrored"],
-      capture_output=True, text=True, timeout=900, check=False, cwd=_REPO)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert report["norm"] == "CrossReplicaBatchNormalization"
-  assert report["replicas"] == 4
-  assert all(np.isfinite(report["losses"]))
-  assert len(set(report["losses"])) > 1  # Replicas saw different images.
-  assert report["max_spread"] == 0.0
-  assert report["changed"] >= 0.9 * report["trainable"]
-  assert report["moving_moved"] == report["norms"]
-
-
-@pytest.mark.slow
-def test_overfits_a_few_shapes_images(tmp_path):
-  """Four generated images, 400 steps: COCO AP on them above 0.9."""
-  root = str(tmp_path)
-  shapes_dataset.write_shapes_dataset(root, num_train=4, num_val=0,
-                                      image_size=SIZE, seed=0,
-                                      scale_range=(0.15, 0.7))
-  annotations = os.path.join(root, "annotations", "instances_train.json")
-  coco_tfrecord.convert_coco(os.path.join(root, "train"), annotations,
-                             os.path.join(root, "tfrecord", "train"),
-                             num_shards=1)
-  category_map = CategoryMap([c["id"] for c in shapes_dataset.CATEGORIES])
-  parser = DetectionParser(category_map=category_map, short_side=SIZE,
-                           long_side=SIZE, aug_rand_hflip=False, seed=0)
-  pattern = os.path.join(root, "tfrecord", "train-*")
-  train = iter(InputReader(pattern, global_batch_size=4, parser=parser,
-                           deterministic=True, seed=0)())
-  evaluation = InputReader(pattern, global_batch_size=4, is_training=False,
-                           parser=parser)()
-  gin.add_config_file_search_path(_REPO)
-  gin.parse_config_files_and_bindings(
-      [os.path.join(_REPO, "gin", "model", "demo.gin")],
-      ["build_norm.norm = 'bn'"])
-  tf.keras.utils.set_random_seed(0)
-  model = faster_rcnn.build_faster_rcnn(num_classes=category_map.num_classes)
-  optimizer = tf.keras.optimizers.SGD(
-      tf.keras.optimizers.schedules.PiecewiseConstantDecay(
-          [50, 300], [0.002, 0.02, 0.002]), momentum=0.9)
-  step = tf.function(train_step)
-  for _ in range(400):
-    terms = step(model, *next(train), optimizer)
-  assert float(terms["model_loss"]) < 0.2
-
-  evaluator = COCOEvaluator(annotations, category_map)
-  infer = tf.function(lambda images, labels: model.call_with_labels(
-      images, labels, training=False))
-  for images, labels in evaluation:
-    outputs = infer(images, labels)
-    evaluator.update(dict(outputs, source_id=labels["source_id"],
-                          image_info=labels["image_info"]))
-  metrics = evaluator.evaluate()
-  assert metrics["AP"] > 0.9, metrics
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["mirrored"]:
-  _mirrored_child()

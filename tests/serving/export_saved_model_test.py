@@ -23,6 +23,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from official.vision.ops import box_ops
 from tensorflow.core.protobuf import saved_model_pb2
 
 from megdet_tf.dataloaders.category_map import CategoryMap
@@ -65,19 +66,8 @@ TINY_CATEGORIES = CategoryMap([2, 5, 9])
 
 
 @pytest.fixture(scope="module")
-def tiny_module():
-  gin.parse_config("""
-      ResNet.depth = 18
-      ResNet.width_multiplier = 0.125
-      ResNet.freeze_at = 0
-      FPN.num_filters = 16
-      RPNHead.num_filters = 16
-      BoxHead.fc_dims = 32
-      build_norm.norm = 'cgbn'
-      MultilevelROIGenerator.test_pre_nms_top_k = 100
-      MultilevelROIGenerator.test_num_proposals = 50
-      DetectionGenerator.max_num_detections = 10
-  """)
+def tiny_module(tiny_detector_gin):
+  gin.parse_config(tiny_detector_gin)
   try:
     tf.keras.utils.set_random_seed(0)
     model = faster_rcnn.build_faster_rcnn(TINY_CATEGORIES.num_classes)
@@ -226,11 +216,9 @@ def ground_truth(coco, image_index):
 
 
 def iou(a, b):
-  inter = (max(min(a[2], b[2]) - max(a[0], b[0]), 0) *
-           max(min(a[3], b[3]) - max(a[1], b[1]), 0))
-  union = ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) -
-           inter)
-  return inter / union
+  """IoU of two [ymin, xmin, ymax, xmax] boxes, by Model Garden's box_ops."""
+  overlaps = box_ops.bbox_overlap(np.float32([[a]]), np.float32([[b]]))
+  return float(overlaps[0, 0, 0])
 
 
 def assert_detects(outputs, row, truth, min_score=0.5):

@@ -23,29 +23,20 @@ from megdet_tf.modeling import faster_rcnn
 from megdet_tf.serving import export_saved_model as export_lib
 from megdet_tf.serving import predictor as predictor_lib
 
-TINY_GIN = """
+# The dataset side of the tiny detector; its model is `tiny_detector_gin`.
+TINY_DATA_GIN = """
     CategoryMap.category_ids = [9, 2, 5]
     CategoryMap.category_names = ['nine', 'two', 'five']
     DetectionParser.short_side = 64
     DetectionParser.long_side = 64
-    ResNet.depth = 18
-    ResNet.width_multiplier = 0.125
-    ResNet.freeze_at = 0
-    FPN.num_filters = 16
-    RPNHead.num_filters = 16
-    BoxHead.fc_dims = 32
-    build_norm.norm = 'cgbn'
-    MultilevelROIGenerator.test_pre_nms_top_k = 100
-    MultilevelROIGenerator.test_num_proposals = 50
-    DetectionGenerator.max_num_detections = 10
 """
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_detector_gin):
   """A random detector in process, as a checkpoint and as a SavedModel."""
   root = tmp_path_factory.mktemp("predictor")
-  gin.parse_config(TINY_GIN)
+  gin.parse_config(TINY_DATA_GIN + tiny_detector_gin)
   try:
     tf.keras.utils.set_random_seed(0)
     module = export_lib.DetectionModule(faster_rcnn.build_faster_rcnn(),

@@ -20,6 +20,8 @@ from pycocotools import coco
 import pytest
 import tensorflow as tf
 
+from official.vision.ops import box_ops
+
 from megdet_tf.dataloaders.category_map import CategoryMap
 from megdet_tf.evaluation import image_summaries
 from megdet_tf.evaluation import visualization
@@ -65,11 +67,9 @@ def to_yxyx(xywh):
 
 
 def iou(a, b):
-  inter = (max(min(a[2], b[2]) - max(a[0], b[0]), 0) *
-           max(min(a[3], b[3]) - max(a[1], b[1]), 0))
-  union = ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) -
-           inter)
-  return inter / union
+  """IoU of two [ymin, xmin, ymax, xmax] boxes, by Model Garden's box_ops."""
+  overlaps = box_ops.bbox_overlap(np.float32([[a]]), np.float32([[b]]))
+  return float(overlaps[0, 0, 0])
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,6 @@ def test_results_load_with_pycocotools(predicted):
 @pytest.mark.slow
 def test_annotated_images_differ_only_on_the_drawn_boxes(predicted):
   run_ = predicted.runs["saved_model"]
-  categories = CategoryMap([c["id"] for c in predicted.categories],
-                           [c["name"] for c in predicted.categories])
   pictures = sorted(os.path.relpath(p, run_.output) for p in glob.glob(
       str(run_.output / "**" / "*.png"), recursive=True))
   assert pictures == sorted(os.path.splitext(name)[0] + ".png"

@@ -4,8 +4,10 @@
 
 Builds everything as tools/train.py does (gin/demo.gin plus the bindings),
 then prints one JSON line: the total loss after each step, the largest
-difference between any replica's copy of a weight and replica 0's, and a
-checksum of the weights (to compare workers).
+difference between any replica's copy of a weight and replica 0's, a
+checksum of the weights (to compare workers), the detector's normalization
+layer classes and how many of them moved their moving mean off its zero
+initial value.
 """
 import json
 import sys
@@ -28,10 +30,16 @@ def main(model_dir, steps, gin_params):
       for value in getattr(v, "values", (v,)))
   checksum = float(sum(np.sum(np.abs(v.numpy()))
                        for v in trainer.model.trainable_variables))
+  norms = [layer for layer in trainer.model.submodules
+           if isinstance(layer, tf.keras.layers.BatchNormalization)]
   print("RESULT " + json.dumps({
       "losses": losses, "replica_weight_max_diff": replica_diff,
       "checksum": checksum,
-      "num_replicas": trainer.strategy.num_replicas_in_sync}), flush=True)
+      "num_replicas": trainer.strategy.num_replicas_in_sync,
+      "norm_classes": sorted({type(n).__name__ for n in norms}),
+      "norms": len(norms),
+      "norms_moved": sum(bool(np.any(n.moving_mean.numpy() != 0))
+                         for n in norms)}), flush=True)
 
 
 if __name__ == "__main__":
