@@ -1,22 +1,30 @@
-r"""Training step time of our Faster R-CNN against Model Garden's own.
+r"""Training step of our Faster R-CNN against Model Garden's own, same work.
 
-  python benchmarks/detector_step.py [--image_size 256] [--batch 2] [--steps 10]
+  python benchmarks/detector_step.py [--settings r50_256,r50_512,demo_256]
+      [--precisions mixed_bfloat16,float32] [--rounds 3] [--steps 3]
 
-Both detectors are the paper's R50-FPN (anchors 8 x stride, 2000 training
-proposals per image, 512 RoIs, a 2fc-1024 box head, per-replica BN in training
-mode, nothing frozen), float32, one CPU replica, on the same generated shapes
-TFRecords at the same resolution and batch, each through its own input
-pipeline, optimizer step included:
+Both detectors are built for the same work: same backbone, FPN, RPN head,
+2fc box head, anchors, proposals, RoI sampling, resolution and batch, per-
+replica BN in training mode, nothing frozen, one CPU replica, each with its
+own input pipeline on the same generated shapes TFRecords, optimizer step
+included:
 
-  megdet_tf      `DetectorTrainer` from gin/model/r50_fpn.gin + data/shapes;
+  megdet_tf      `DetectorTrainer` from gin/model/{r50_fpn,demo}.gin;
   model_garden   `official.vision.tasks.maskrcnn.MaskRCNNTask` from its
-                 `fasterrcnn_resnetfpn_coco` experiment, its `train_step`.
+                 `fasterrcnn_resnetfpn_coco` experiment (masks off), its
+                 `train_step`, configured to the same model.
 
-Each runs in its own process (one heavy TensorFlow process at a time); the
-first `--warmup` steps (tracing) are not timed. One JSON line per detector.
+Each (setting, precision) runs in its own process, which builds both,
+warms both up (tracing), then alternates timed rounds of `--steps` steps
+(ours, theirs, ours, ...). Per pair of rounds, ratio = Model Garden time /
+ours; a JSON line per setting gives the medians, and `step_peak_mib`, the
+peak resident memory a detector's round adds (VmHWM reset before it). The
+last line is `speedup_vs_model_garden: X`, the median ratio for R50-FPN at
+256 px, batch 2, under `mixed_bfloat16`.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,117 +35,182 @@ from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_integer("image_size", 256, "Image height and width.")
+# name -> (our model file, image size, Model Garden overrides of the model).
+SETTINGS = {
+    "r50_256": ("gin/model/r50_fpn.gin", 256, {}),
+    "r50_512": ("gin/model/r50_fpn.gin", 512, {}),
+    "demo_256": ("gin/model/demo.gin", 256, {
+        "backbone.resnet.model_id": 18,
+        "backbone.resnet.depth_multiplier": 0.25,
+        "decoder.fpn.num_filters": 64, "rpn_head.num_filters": 64,
+        "anchor.anchor_size": 4.0,
+        "roi_generator.pre_nms_top_k": 1000,
+        "roi_generator.num_proposals": 300,
+        "roi_sampler.num_sampled_rois": 128,
+        "detection_head.fc_dims": 256}),
+}
+HEADLINE = ("r50_256", "mixed_bfloat16")
+
+flags.DEFINE_list("settings", list(SETTINGS), f"Of {list(SETTINGS)}.")
+flags.DEFINE_list("precisions", ["mixed_bfloat16", "float32"],
+                  "float32 and/or mixed_bfloat16.")
 flags.DEFINE_integer("batch", 2, "Images per step.")
-flags.DEFINE_integer("steps", 10, "Timed steps.")
-flags.DEFINE_integer("warmup", 2, "Untimed first steps (tracing).")
-flags.DEFINE_string("detector", "", "Internal: time one detector.")
+flags.DEFINE_integer("steps", 3, "Steps per timed round.")
+flags.DEFINE_integer("rounds", 3, "Timed rounds per detector.")
+flags.DEFINE_string("setting", "", "Internal: the setting to time.")
+flags.DEFINE_string("precision", "", "Internal: its precision.")
 flags.DEFINE_string("data_dir", "", "Internal: the shapes dataset.")
 FLAGS = flags.FLAGS
 
 
-def _tfrecords(data_dir, split="train"):
-  return os.path.join(data_dir, "tfrecord", f"{split}-*")
+def _tfrecords(split):
+  return os.path.join(FLAGS.data_dir, "tfrecord", f"{split}-*")
 
 
-def time_megdet_tf(data_dir, model_dir):
-  """Seconds per step of `DetectorTrainer` on the R50-FPN config."""
+def _memory_mib(field):
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f
+                if line.startswith(field)) / 1024
+
+
+def _timed_round(run_steps):
+  """Seconds per step of `run_steps()`, and the peak memory it added."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Resets VmHWM to the current RSS.
+  before = _memory_mib("VmRSS")
+  start = time.perf_counter()
+  run_steps()
+  seconds = (time.perf_counter() - start) / FLAGS.steps
+  return seconds, _memory_mib("VmHWM") - before
+
+
+def build_ours(model_file, size, model_dir):
+  """`run_steps()` for our trainer, traced and warmed up."""
   from megdet_tf.training import experiment  # pylint: disable=g-import-not-at-top
-  size = FLAGS.image_size
-  experiment.parse_gin(["gin/data/shapes.gin", "gin/model/r50_fpn.gin",
-                        "gin/norm/bn.gin", "gin/schedule/linear_scaling.gin"], [
-      f"train/InputReader.file_pattern={_tfrecords(data_dir)!r}",
-      f"eval/InputReader.file_pattern={_tfrecords(data_dir, 'val')!r}",
+  precision = FLAGS.precision if FLAGS.precision != "float32" else None
+  experiment.parse_gin(["gin/data/shapes.gin", model_file, "gin/norm/bn.gin",
+                        "gin/schedule/linear_scaling.gin"], [
+      f"train/InputReader.file_pattern={_tfrecords('train')!r}",
+      f"eval/InputReader.file_pattern={_tfrecords('val')!r}",
       f"train/InputReader.global_batch_size={FLAGS.batch}",
       f"eval/InputReader.global_batch_size={FLAGS.batch}",
       f"GLOBAL_BATCH_SIZE={FLAGS.batch}",
       f"DetectionParser.short_side={size}", f"DetectionParser.long_side={size}",
       "ResNet.freeze_at=0", "load_keras_applications_resnet.path=None",
       "build_strategy.kind='one_device'",
-      "DetectorTrainer.steps_per_loop=1",
-      f"DetectorTrainer.checkpoint_every_steps={10 ** 6}"])
+      f"DetectorTrainer.mixed_precision={precision!r}",
+      f"DetectorTrainer.steps_per_loop={FLAGS.steps}",
+      f"DetectorTrainer.checkpoint_every_steps={10 ** 6}",
+      f"DetectorTrainer.log_every_seconds={10 ** 6}"])
   trainer = experiment.build_trainer(model_dir)
-  trainer.train(max_steps=FLAGS.warmup)
-  start = time.perf_counter()
-  trainer.train(max_steps=FLAGS.warmup + FLAGS.steps)
-  return (time.perf_counter() - start) / FLAGS.steps
+  trainer.train(max_steps=FLAGS.steps)  # Builds and traces the loop.
+  # Then the traced loop alone: no checkpoint at the end of each round.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  iterator = iter(trainer.train_reader.distribute(trainer.strategy))
+  steps = tf.constant(FLAGS.steps)
+  run_steps = lambda: int(trainer._train_loop(iterator, steps)[1])  # pylint: disable=protected-access
+  run_steps()
+  return run_steps
 
 
-def time_model_garden(data_dir):
-  """Seconds per step of Model Garden's MaskRCNNTask, masks off."""
+def build_model_garden(size, overrides):
+  """`run_steps()` for Model Garden's task, traced and warmed up."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official.vision.configs import maskrcnn as maskrcnn_config  # pylint: disable=g-import-not-at-top
   from official.vision.tasks import maskrcnn  # pylint: disable=g-import-not-at-top
   from megdet_tf.dataloaders import shapes_dataset  # pylint: disable=g-import-not-at-top
   config = maskrcnn_config.fasterrcnn_resnetfpn_coco().task
   config.init_checkpoint = None
-  model = config.model
-  model.num_classes = max(c["id"] for c in shapes_dataset.CATEGORIES) + 1
-  model.input_size = [FLAGS.image_size, FLAGS.image_size, 3]
-  model.norm_activation.use_sync_bn = False
-  model.norm_activation.norm_momentum = 0.9
-  model.detection_head.num_convs = 0
-  model.detection_head.num_fcs = 2
-  model.roi_generator.num_proposals = 2000
+  config.model.override({
+      "num_classes": max(c["id"] for c in shapes_dataset.CATEGORIES) + 1,
+      "input_size": [size, size, 3],
+      # Ours: per-replica BN (momentum 0.9), a 2fc-1024 head, 2000
+      # training proposals per image (gin/model/r50_fpn.gin).
+      "norm_activation": {"use_sync_bn": False, "norm_momentum": 0.9},
+      "detection_head": {"num_convs": 0, "num_fcs": 2},
+      "roi_generator": {"num_proposals": 2000}})
+  for path, value in overrides.items():
+    node = config.model
+    *parents, name = path.split(".")
+    for parent in parents:
+      node = getattr(node, parent)
+    setattr(node, name, value)
   data = config.train_data
-  data.input_path = _tfrecords(data_dir)
-  data.global_batch_size = FLAGS.batch
-  data.dtype = "float32"
-  data.shuffle_buffer_size = 100
-  data.parser.aug_scale_min = data.parser.aug_scale_max = 1.0
+  data.override({"input_path": _tfrecords("train"),
+                 "global_batch_size": FLAGS.batch, "shuffle_buffer_size": 64,
+                 "dtype": "float32" if FLAGS.precision == "float32"
+                          else "bfloat16",
+                 "parser": {"aug_scale_min": 1.0, "aug_scale_max": 1.0}})
   task = maskrcnn.MaskRCNNTask(config)
-  detector = task.build_model()
+  model = task.build_model()
   optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
   iterator = iter(task.build_inputs(data))
 
   @tf.function
-  def step():
-    return task.train_step(next(iterator), detector, optimizer)["loss"]
+  def loop():
+    loss = 0.0
+    for _ in tf.range(FLAGS.steps):
+      loss = task.train_step(next(iterator), model, optimizer)["loss"]
+    return loss
 
-  for _ in range(FLAGS.warmup):
-    step().numpy()
-  start = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    step().numpy()
-  return (time.perf_counter() - start) / FLAGS.steps
+  run_steps = lambda: loop().numpy()
+  run_steps()
+  return run_steps
 
 
-def measure(detector, data_dir):
+def measure():
+  """Runs in its own process: one setting at one precision."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  model_file, size, overrides = SETTINGS[FLAGS.setting]
   with tempfile.TemporaryDirectory() as model_dir:
-    seconds = (time_megdet_tf(data_dir, model_dir) if detector == "megdet_tf"
-               else time_model_garden(data_dir))
-  return {"benchmark": "detector_step", "detector": detector,
-          "model": "R50-FPN Faster R-CNN, float32",
-          "image_size": FLAGS.image_size, "batch": FLAGS.batch,
-          "steps": FLAGS.steps, "step_seconds": round(seconds, 3),
-          "images_per_second": round(FLAGS.batch / seconds, 2)}
+    ours = build_ours(model_file, size, model_dir)  # Sets the precision.
+    theirs = build_model_garden(size, overrides)
+    assert tf.keras.mixed_precision.global_policy().name == FLAGS.precision
+    rounds = [(_timed_round(ours), _timed_round(theirs))
+              for _ in range(FLAGS.rounds)]
+  ratios = [t[0] / o[0] for o, t in rounds]
+  median = lambda values: round(statistics.median(values), 3)
+  return {"benchmark": "detector_step", "setting": FLAGS.setting,
+          "precision": FLAGS.precision, "image_size": size,
+          "batch": FLAGS.batch, "steps": FLAGS.steps * FLAGS.rounds,
+          "ours_step_s": median([o[0] for o, _ in rounds]),
+          "model_garden_step_s": median([t[0] for _, t in rounds]),
+          "speedup_vs_model_garden": median(ratios),
+          "ours_step_peak_mib": round(max(o[1] for o, _ in rounds)),
+          "model_garden_step_peak_mib": round(max(t[1] for _, t in rounds))}
 
 
 def main(argv):
   del argv
   os.chdir(REPO)
-  if FLAGS.detector:
-    print("RESULT " + json.dumps(measure(FLAGS.detector, FLAGS.data_dir)))
+  if FLAGS.setting:
+    print("RESULT " + json.dumps(measure()))
     sys.stdout.flush()
     os._exit(0)  # pylint: disable=protected-access  # Skip graph teardown.
   from megdet_tf.dataloaders import prepare_shapes  # pylint: disable=g-import-not-at-top
+  unknown = set(FLAGS.settings) - set(SETTINGS)
+  if unknown:
+    raise app.UsageError(f"--settings: unknown {sorted(unknown)}")
+  headline = None
   with tempfile.TemporaryDirectory() as tmp:
-    data_dir = prepare_shapes.prepare_shapes_dataset(
-        tmp, num_train=64, num_val=4, image_size=FLAGS.image_size)
-    results = {}
-    for detector in ("megdet_tf", "model_garden"):
-      out = subprocess.run(
-          [sys.executable, __file__, f"--detector={detector}",
-           f"--data_dir={data_dir}", f"--image_size={FLAGS.image_size}",
-           f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
-           f"--warmup={FLAGS.warmup}"],
-          capture_output=True, text=True, check=True).stdout
-      results[detector] = json.loads(out.split("RESULT ")[-1])
-    reference = results["model_garden"]["step_seconds"]
-    for result in results.values():
-      result["ratio_to_model_garden"] = round(
-          result["step_seconds"] / reference, 3)
-      print(json.dumps(result), flush=True)
+    for setting in FLAGS.settings:
+      size = SETTINGS[setting][1]
+      data_dir = prepare_shapes.prepare_shapes_dataset(
+          os.path.join(tmp, str(size)), num_train=64, num_val=4,
+          image_size=size)
+      for precision in FLAGS.precisions:
+        out = subprocess.run(
+            [sys.executable, __file__, f"--setting={setting}",
+             f"--precision={precision}", f"--data_dir={data_dir}",
+             f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
+             f"--rounds={FLAGS.rounds}"],
+            capture_output=True, text=True, check=True).stdout
+        result = json.loads(out.split("RESULT ")[-1])
+        print(json.dumps(result), flush=True)
+        if (setting, precision) == HEADLINE and FLAGS.batch == 2:
+          headline = result["speedup_vs_model_garden"]
+  if headline is not None:
+    print(f"speedup_vs_model_garden: {headline}")
 
 
 if __name__ == "__main__":

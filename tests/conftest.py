@@ -33,6 +33,7 @@ TINY_DETECTOR_GIN = """
 """
 
 
+@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.
 def pytest_collection_modifyitems(items):
   """Under pytest-xdist, the tests of the trained demo share one worker.
 
