@@ -1,7 +1,7 @@
 r"""Training step of our Faster R-CNN against Model Garden's own, same work.
 
-  python benchmarks/detector_step.py [--settings r50_256,r50_512,demo_256]
-      [--precisions mixed_bfloat16,float32] [--rounds 3] [--steps 3]
+  python benchmarks/detector_step.py [--runs r50_256:float32,demo_256:...]
+      [--rounds 3] [--steps 3]
 
 Both detectors are built for the same work: same backbone, FPN, RPN head,
 2fc box head, anchors, proposals, RoI sampling, resolution and batch, per-
@@ -14,7 +14,7 @@ included:
                  `fasterrcnn_resnetfpn_coco` experiment (masks off), its
                  `train_step`, configured to the same model.
 
-Each (setting, precision) runs in its own process, which builds both,
+Each run (setting:precision) is its own process, which builds both,
 warms both up (tracing), then alternates timed rounds of `--steps` steps
 (ours, theirs, ours, ...). Per pair of rounds, ratio = Model Garden time /
 ours; a JSON line per setting gives the medians, and `step_peak_mib`, the
@@ -51,9 +51,11 @@ SETTINGS = {
 }
 HEADLINE = ("r50_256", "mixed_bfloat16")
 
-flags.DEFINE_list("settings", list(SETTINGS), f"Of {list(SETTINGS)}.")
-flags.DEFINE_list("precisions", ["mixed_bfloat16", "float32"],
-                  "float32 and/or mixed_bfloat16.")
+flags.DEFINE_list(
+    "runs", ["r50_256:mixed_bfloat16", "r50_256:float32",
+             "r50_512:mixed_bfloat16", "demo_256:mixed_bfloat16"],
+    f"SETTING:PRECISION pairs; settings {list(SETTINGS)}, precisions "
+    "float32 or mixed_bfloat16.")
 flags.DEFINE_integer("batch", 2, "Images per step.")
 flags.DEFINE_integer("steps", 3, "Steps per timed round.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per detector.")
@@ -188,27 +190,31 @@ def main(argv):
     sys.stdout.flush()
     os._exit(0)  # pylint: disable=protected-access  # Skip graph teardown.
   from megdet_tf.dataloaders import prepare_shapes  # pylint: disable=g-import-not-at-top
-  unknown = set(FLAGS.settings) - set(SETTINGS)
-  if unknown:
-    raise app.UsageError(f"--settings: unknown {sorted(unknown)}")
+  runs = [tuple(run.split(":")) for run in FLAGS.runs]
+  for run in runs:
+    if (len(run) != 2 or run[0] not in SETTINGS or
+        run[1] not in ("float32", "mixed_bfloat16")):
+      raise app.UsageError(f"--runs: {':'.join(run)!r} is not SETTING:"
+                           f"PRECISION with SETTING in {list(SETTINGS)}")
   headline = None
-  with tempfile.TemporaryDirectory() as tmp:
-    for setting in FLAGS.settings:
+  with tempfile.TemporaryDirectory() as tmp:  # One dataset per image size.
+    for setting, precision in runs:
       size = SETTINGS[setting][1]
       data_dir = prepare_shapes.prepare_shapes_dataset(
           os.path.join(tmp, str(size)), num_train=64, num_val=4,
           image_size=size)
-      for precision in FLAGS.precisions:
-        out = subprocess.run(
-            [sys.executable, __file__, f"--setting={setting}",
-             f"--precision={precision}", f"--data_dir={data_dir}",
-             f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
-             f"--rounds={FLAGS.rounds}"],
-            capture_output=True, text=True, check=True).stdout
-        result = json.loads(out.split("RESULT ")[-1])
-        print(json.dumps(result), flush=True)
-        if (setting, precision) == HEADLINE and FLAGS.batch == 2:
-          headline = result["speedup_vs_model_garden"]
+      process = subprocess.run(
+          [sys.executable, __file__, f"--setting={setting}",
+           f"--precision={precision}", f"--data_dir={data_dir}",
+           f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
+           f"--rounds={FLAGS.rounds}"],
+          capture_output=True, text=True, check=False)
+      if process.returncode:
+        sys.exit(f"{setting}:{precision} failed:\n{process.stderr[-3000:]}")
+      result = json.loads(process.stdout.split("RESULT ")[-1])
+      print(json.dumps(result), flush=True)
+      if (setting, precision) == HEADLINE and FLAGS.batch == 2:
+        headline = result["speedup_vs_model_garden"]
   if headline is not None:
     print(f"speedup_vs_model_garden: {headline}")
 

@@ -8,9 +8,9 @@ r"""Runs the benchmarks and writes benchmarks/RESULTS.md.
 Runs every `benchmarks/*.py` but this one, one at a time, each in its own
 process with its default flags (or `--benchmark_args`), and keeps the JSON
 lines each prints as its figures. Results accumulate in
-benchmarks/results.json, one record per benchmark (date, machine, command,
-seconds, figures), so a partial run updates its benchmarks and keeps the
-others; RESULTS.md is rewritten from all records as one table per benchmark.
+benchmarks/results.json, one record per benchmark and flags (date, machine,
+command, seconds, figures), so a partial run updates its benchmarks and keeps
+the others; RESULTS.md is rewritten from all records as one table per benchmark.
 """
 import datetime
 import glob
@@ -148,10 +148,12 @@ def main(argv):
       records = json.load(f)
   failed = []
   for name in FLAGS.only or names:
-    records[name] = run_benchmark(name, args.get(name, []))
-    if "error" in records[name]:
-      failed.append(name)
-      logging.error("%s failed: %s", name, records[name]["error"][-500:])
+    # One record per benchmark and flags: runs with other flags are kept.
+    key = shlex.join([name] + args.get(name, []))
+    records[key] = run_benchmark(name, args.get(name, []))
+    if "error" in records[key]:
+      failed.append(key)
+      logging.error("%s failed: %s", key, records[key]["error"][-500:])
     # Written after every benchmark: a long run keeps what it finished.
     with open(FLAGS.results_json, "w") as f:
       json.dump(records, f, indent=1)

@@ -56,8 +56,8 @@ class WarmupLinearScaling(tf.keras.optimizers.schedules.LearningRateSchedule):
       reference_batch_size: the batch r is given for.
       global_batch_size: images per step over all replicas.
       warmup_steps: steps of linear warmup; 0 = start at the peak.
-      warmup_start_learning_rate: rate at step 0; None = r as in the paper
-        (or the peak, if that is lower: a warmup never ramps down).
+      warmup_start_learning_rate: rate at step 0, capped at the peak (a
+        warmup never ramps down); None = r, as in the paper.
       boundaries: steps, strictly increasing, at or after the warmup, where
         the rate drops.
       multipliers: `multipliers[i]` is the factor on the peak rate from
@@ -102,13 +102,14 @@ class WarmupLinearScaling(tf.keras.optimizers.schedules.LearningRateSchedule):
     self.peak_learning_rate = (self.base_learning_rate * self.global_batch_size
                                / self.reference_batch_size * self.peak_scale)
     if warmup_start_learning_rate is None:
-      self.warmup_start_learning_rate = min(self.base_learning_rate,
-                                            self.peak_learning_rate)
-    else:
-      _check(0 <= warmup_start_learning_rate <= self.peak_learning_rate,
-             f"{name}.warmup_start_learning_rate must be in [0, peak = "
-             f"{self.peak_learning_rate:g}], got {warmup_start_learning_rate}")
-      self.warmup_start_learning_rate = float(warmup_start_learning_rate)
+      warmup_start_learning_rate = self.base_learning_rate
+    _check(warmup_start_learning_rate >= 0,
+           f"{name}.warmup_start_learning_rate must be >= 0, got "
+           f"{warmup_start_learning_rate}")
+    # A warmup never ramps down: a config written for large batches (start
+    # below the peak) still runs at a batch whose peak is below the start.
+    self.warmup_start_learning_rate = min(float(warmup_start_learning_rate),
+                                          self.peak_learning_rate)
     if total_steps is not None:
       _check(int(total_steps) == total_steps and total_steps > 0,
              f"{name}.total_steps must be a positive integer, got "

@@ -107,6 +107,8 @@ class WarmupLinearScalingTest(tf.test.TestCase, parameterized.TestCase):
       # Half of batch 16's rate is below 0.02: no ramp down, flat at 0.01.
       dict(batch=16, peak_scale=0.5, start=None, expected=(0.01, 0.01)),
       dict(batch=8, peak_scale=1.0, start=None, expected=(0.01, 0.01)),
+      # A start above a small batch's peak is capped at the peak.
+      dict(batch=8, peak_scale=1.0, start=0.015, expected=(0.01, 0.01)),
       dict(batch=256, peak_scale=1.0, start=0.0, expected=(0.0, 0.16)))
   def test_warmup_start(self, batch, peak_scale, start, expected):
     schedule = optimization.WarmupLinearScaling(
@@ -142,8 +144,8 @@ class WarmupLinearScalingTest(tf.test.TestCase, parameterized.TestCase):
        "inside the warmup"),
       ("negative_warmup", dict(warmup_steps=-1), "warmup_steps"),
       ("zero_batch", dict(global_batch_size=0), "global_batch_size"),
-      ("start_above_peak", dict(warmup_start_learning_rate=1.0),
-       "warmup_start_learning_rate"),
+      ("negative_start", dict(warmup_start_learning_rate=-0.1),
+       "warmup_start_learning_rate must be >= 0"),
       ("ends_before_decay", dict(boundaries=(20,), multipliers=(0.1,),
                                  total_steps=20), "total_steps=20"),
       ("zero_multiplier", dict(boundaries=(20,), multipliers=(0.0,)),

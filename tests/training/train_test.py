@@ -58,7 +58,6 @@ def tiny_params(data_dir, replicas=1, **overrides):
       # The demo's decay epochs fall inside the run with room to spare.
       "NUM_TRAIN_IMAGES": 400,
       "build_lr_schedule.warmup_steps": 0,
-      "build_lr_schedule.warmup_start_learning_rate": None,
       "build_strategy.kind": repr("mirrored" if replicas > 1 else
                                   "one_device"),
       "build_strategy.num_cpu_replicas": replicas,
