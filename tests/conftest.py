@@ -33,18 +33,6 @@ TINY_DETECTOR_GIN = """
 """
 
 
-@pytest.hookimpl(tryfirst=True)  # Before xdist reads the groups.
-def pytest_collection_modifyitems(items):
-  """Under pytest-xdist, the tests of the trained demo share one worker.
-
-  `trained_demo` is trained once per worker (session scope); `--dist
-  loadgroup` (setup.cfg) sends every test of the group to the same worker.
-  """
-  for item in items:
-    if "trained_demo" in getattr(item, "fixturenames", ()):
-      item.add_marker(pytest.mark.xdist_group("trained_demo"))
-
-
 @pytest.fixture(scope="session")
 def tiny_detector_gin() -> str:
   """`TINY_DETECTOR_GIN`, for tests that build a random detector in process."""
