@@ -40,14 +40,13 @@ SETTINGS = {
     "r50_256": ("gin/model/r50_fpn.gin", 256, {}),
     "r50_512": ("gin/model/r50_fpn.gin", 512, {}),
     "demo_256": ("gin/model/demo.gin", 256, {
-        "backbone.resnet.model_id": 18,
-        "backbone.resnet.depth_multiplier": 0.25,
-        "decoder.fpn.num_filters": 64, "rpn_head.num_filters": 64,
-        "anchor.anchor_size": 4.0,
-        "roi_generator.pre_nms_top_k": 1000,
-        "roi_generator.num_proposals": 300,
-        "roi_sampler.num_sampled_rois": 128,
-        "detection_head.fc_dims": 256}),
+        "backbone": {"resnet": {"model_id": 18, "depth_multiplier": 0.25}},
+        "decoder": {"fpn": {"num_filters": 64}},
+        "rpn_head": {"num_filters": 64},
+        "anchor": {"anchor_size": 4.0},
+        "roi_generator": {"pre_nms_top_k": 1000, "num_proposals": 300},
+        "roi_sampler": {"num_sampled_rois": 128},
+        "detection_head": {"fc_dims": 256}}),
 }
 HEADLINE = ("r50_256", "mixed_bfloat16")
 
@@ -131,12 +130,7 @@ def build_model_garden(size, overrides):
       "norm_activation": {"use_sync_bn": False, "norm_momentum": 0.9},
       "detection_head": {"num_convs": 0, "num_fcs": 2},
       "roi_generator": {"num_proposals": 2000}})
-  for path, value in overrides.items():
-    node = config.model
-    *parents, name = path.split(".")
-    for parent in parents:
-      node = getattr(node, parent)
-    setattr(node, name, value)
+  config.model.override(overrides)
   data = config.train_data
   data.override({"input_path": _tfrecords("train"),
                  "global_batch_size": FLAGS.batch, "shuffle_buffer_size": 64,

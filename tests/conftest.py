@@ -18,25 +18,23 @@ from megdet_tf.dataloaders import shapes_dataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_STEPS = 200
 DEMO_SIZE = 128
-# Gin bindings of a random detector small enough to build in seconds.
-TINY_DETECTOR_GIN = """
-    ResNet.depth = 18
-    ResNet.width_multiplier = 0.125
-    ResNet.freeze_at = 0
-    FPN.num_filters = 16
-    RPNHead.num_filters = 16
-    BoxHead.fc_dims = 32
-    build_norm.norm = 'cgbn'
-    MultilevelROIGenerator.test_pre_nms_top_k = 100
-    MultilevelROIGenerator.test_num_proposals = 50
-    DetectionGenerator.max_num_detections = 10
-"""
 
 
 @pytest.fixture(scope="session")
 def tiny_detector_gin() -> str:
-  """`TINY_DETECTOR_GIN`, for tests that build a random detector in process."""
-  return TINY_DETECTOR_GIN
+  """Gin bindings of a random detector small enough to build in seconds."""
+  return """
+      ResNet.depth = 18
+      ResNet.width_multiplier = 0.125
+      ResNet.freeze_at = 0
+      FPN.num_filters = 16
+      RPNHead.num_filters = 16
+      BoxHead.fc_dims = 32
+      build_norm.norm = 'cgbn'
+      MultilevelROIGenerator.test_pre_nms_top_k = 100
+      MultilevelROIGenerator.test_num_proposals = 50
+      DetectionGenerator.max_num_detections = 10
+  """
 
 
 @pytest.fixture(scope="session")

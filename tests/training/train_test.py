@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from megdet_tf.evaluation import coco_evaluator
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "tools", "train.py")
@@ -214,7 +215,8 @@ def test_two_localhost_workers_train_identical_weights(tmp_path):
 def test_demo_learns_and_its_evaluation_scores_every_image(trained_demo):
   """The session's demo: 4 images overfit in 200 steps, then evaluated.
 
-  Learning: COCO AP above 0.9 on them, from the trainer's own evaluator.
+  Learning: COCO AP above 0.9 on them, scored by the project's COCO metrics
+  from the detections the trainer's evaluation wrote.
   Evaluation at batch 8 on 2 replicas leaves replica 1 without images; all
   four must still be scored.
   """
