@@ -29,13 +29,20 @@ flags.DEFINE_list("measure", ["throughput", "time_to_map"],
                   "What to measure: throughput, time_to_map.")
 flags.DEFINE_float("target_ap", 0.5, "COCO AP target on the shapes val split.")
 flags.DEFINE_integer("eval_every", 100, "Steps between evaluations.")
+flags.DEFINE_multi_string("gin_param", [], "Extra Gin bindings for the demo, "
+                          "e.g. to try a schedule.")
 flags.DEFINE_integer("worker_replicas", 0, "Internal: run one measurement.")
 FLAGS = flags.FLAGS
 
 
+def _config():
+  """The configuration trained: gin/demo.gin and any --gin_param."""
+  return " ".join(["gin/demo.gin"] + FLAGS.gin_param)
+
+
 def build_trainer(model_dir, *gin_params):
   from megdet_tf.training import experiment  # pylint: disable=g-import-not-at-top
-  experiment.parse_gin(["gin/demo.gin"], list(gin_params))
+  experiment.parse_gin(["gin/demo.gin"], FLAGS.gin_param + list(gin_params))
   return experiment.build_trainer(model_dir)
 
 
@@ -51,7 +58,7 @@ def measure_throughput(replicas):
     start = time.perf_counter()
     trainer.train(max_steps=10 + FLAGS.steps)
     seconds = time.perf_counter() - start
-  return {"benchmark": "train_throughput", "config": "gin/demo.gin",
+  return {"benchmark": "train_throughput", "config": _config(),
           "replicas": replicas, "images_per_replica": FLAGS.images_per_replica,
           "steps": FLAGS.steps, "cpu_cores": os.cpu_count(),
           "images_per_second": round(
@@ -69,7 +76,7 @@ def time_to_map():
       trainer.train(max_steps=step)
       training_seconds += time.perf_counter() - start
       ap = trainer.evaluate()["AP"]
-      print(json.dumps({"benchmark": "time_to_map", "config": "gin/demo.gin",
+      print(json.dumps({"benchmark": "time_to_map", "config": _config(),
                         "step": step, "training_seconds": round(
                             training_seconds, 1), "AP": round(ap, 4)}),
             flush=True)
@@ -91,7 +98,8 @@ def main(argv):
       out = subprocess.run(
           [sys.executable, __file__, f"--worker_replicas={replicas}",
            f"--steps={FLAGS.steps}",
-           f"--images_per_replica={FLAGS.images_per_replica}"],
+           f"--images_per_replica={FLAGS.images_per_replica}"] +
+          [f"--gin_param={param}" for param in FLAGS.gin_param],
           capture_output=True, text=True, check=True).stdout
       print(out.split("RESULT ")[-1].strip(), flush=True)
     if "time_to_map" in FLAGS.measure:

@@ -3,6 +3,8 @@
 `megdet_tf` is imported first so TF_USE_LEGACY_KERAS is set before any test
 imports TensorFlow.
 """
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -80,36 +82,45 @@ def _demo_params(root: str):
   return [f"{k}={v}" for k, v in params.items()]
 
 
+@contextlib.contextmanager
+def _shared_by_test_processes(tmp_path_factory, name):
+  """A directory `name` that this session's xdist processes share, locked.
+
+  The first process to enter fills it; the others wait for it, then reuse it.
+  Yields (path, whether it still has to be filled).
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # The session's directory, above each process's own.
+  path = os.path.join(root, name)
+  with open(f"{path}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = f"{path}.done"
+    yield path, not os.path.exists(done)
+    open(done, "w").close()
+
+
 @pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory) -> types.SimpleNamespace:
   """A demo detector that detects the shapes of four generated images.
 
-  Trained once per session by `tools/train.py --mode=train_and_eval` (2
-  replicas, cross-replica BN, 200 steps, about 2 minutes on 2 idle cores),
-  then evaluated on the same images, so `model_dir` holds the checkpoint
-  `ckpt-200` and an evaluation's TensorBoard events. Attributes:
-  `data_dir`, `params` (the Gin bindings over gin/demo.gin), `gin_flags`
-  (`--gin_file`/`--gin_param` for the tools), `model_dir`, `steps`,
-  `image_size`, `coco` (the images' annotations) and `files` (their JPEGs,
-  in the annotations' order).
+  Trained once per session, shared by the test processes, by
+  `tools/train.py --mode=train_and_eval` (2 replicas, cross-replica BN, 200
+  steps, about 2 minutes on 2 idle cores), then evaluated on the same images,
+  so `model_dir` holds the checkpoint `ckpt-200` and an evaluation's
+  TensorBoard events; tests only read them. Attributes: `data_dir`, `params`
+  (the Gin bindings over gin/demo.gin), `gin_flags` (`--gin_file`/`--gin_param`
+  for the tools), `model_dir`, `steps`, `image_size`, `coco` (the images'
+  annotations) and `files` (their JPEGs, in the annotations' order).
   """
-  root = str(tmp_path_factory.mktemp("demo"))
-  shapes_dataset.write_shapes_dataset(root, num_train=4, num_val=0,
-                                      image_size=DEMO_SIZE, seed=0,
-                                      scale_range=(0.15, 0.7))
-  annotations = os.path.join(root, "annotations", "instances_train.json")
-  coco_tfrecord.convert_coco(os.path.join(root, "train"), annotations,
-                             os.path.join(root, "tfrecord", "train"),
-                             num_shards=1)
-  params = _demo_params(root)
-  gin_flags = ["--gin_file=gin/demo.gin"] + [f"--gin_param={p}"
-                                             for p in params]
-  model_dir = os.path.join(root, "run")
-  trained = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tools", "train.py"),
-       f"--model_dir={model_dir}", "--mode=train_and_eval"] + gin_flags,
-      cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-  assert trained.returncode == 0, trained.stderr[-3000:]
+  with _shared_by_test_processes(tmp_path_factory, "demo") as (root, fill):
+    params = _demo_params(root)
+    gin_flags = ["--gin_file=gin/demo.gin"] + [f"--gin_param={p}"
+                                               for p in params]
+    model_dir = os.path.join(root, "run")
+    annotations = os.path.join(root, "annotations", "instances_train.json")
+    if fill:
+      _train_demo(root, annotations, model_dir, gin_flags)
   with open(annotations) as f:
     coco = json.load(f)
   return types.SimpleNamespace(
@@ -117,3 +128,17 @@ def trained_demo(tmp_path_factory) -> types.SimpleNamespace:
       steps=DEMO_STEPS, image_size=DEMO_SIZE, coco=coco,
       files=[os.path.join(root, "train", image["file_name"])
              for image in coco["images"]])
+
+
+def _train_demo(root, annotations, model_dir, gin_flags):
+  shapes_dataset.write_shapes_dataset(root, num_train=4, num_val=0,
+                                      image_size=DEMO_SIZE, seed=0,
+                                      scale_range=(0.15, 0.7))
+  coco_tfrecord.convert_coco(os.path.join(root, "train"), annotations,
+                             os.path.join(root, "tfrecord", "train"),
+                             num_shards=1)
+  trained = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "train.py"),
+       f"--model_dir={model_dir}", "--mode=train_and_eval"] + gin_flags,
+      cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert trained.returncode == 0, trained.stderr[-3000:]

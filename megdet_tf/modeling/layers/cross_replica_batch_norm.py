@@ -5,8 +5,9 @@ replicas; MegDet shares them within groups of replicas (the paper's "BN size"
 is the number of images in one group, best around 32, one group per machine).
 No TensorFlow library forms such groups, hence this layer.
 """
+import functools
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import tensorflow as tf
 # The collective launcher TensorFlow's own strategies use: it assigns instance
@@ -48,76 +49,40 @@ def _launcher(group_key: int, group_size: int,
     return _launchers[key]
 
 
-def _group_all_gather(launcher: cross_device_utils.CollectiveReplicaLauncher,
-                      rank: int, packed: tf.Tensor) -> tf.Tensor:
-  """Gathers every member's `packed` [1, D] into [group_size, D].
+def _fused_training_norm(
+    x: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor,
+    epsilon: float) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """Per-replica BN of `x` [N, 1, 1, C] by the fused kernel.
 
-  `CollectiveGatherV2` has no registered gradient. Member r's row reaches every
-  member, so its gradient is the group sum of the incoming gradients' row r:
-  one all-reduce of [group_size, D] in the backward pass.
-
-  Both collectives are named after the calling layer's scope
-  (`.../cgbn_allgather`, `.../cgbn_grad_allreduce`) so that profiles attribute
-  them; the gradient would otherwise be created anonymously at the top level.
+  Returns y, the row count and the float32 mean and biased variance. The
+  kernel computes them in two passes (the mean, then the squares around it)
+  whatever the input dtype; its variance carries Bessel's correction, undone
+  here. An empty `x` gives zero statistics (the kernel's NaNs are dropped).
   """
-  scope = tf.get_current_name_scope()
-  scope = f"{scope}/" if scope else ""
-
-  @tf.custom_gradient
-  def gather(x):
-    def grad(dy):
-      with tf.name_scope(f"{scope}cgbn_grad_allreduce/"):
-        return launcher.all_reduce(dy)[rank:rank + 1]
-    with tf.name_scope("cgbn_allgather"):
-      gathered = launcher._all_gather(x, None)  # pylint: disable=protected-access
-    return gathered, grad
-
-  return gather(packed)
+  y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+      x=x, scale=scale, offset=offset, mean=tf.constant([]),
+      variance=tf.constant([]), epsilon=epsilon, is_training=True)
+  count = tf.cast(tf.shape(x)[0], tf.float32)
+  has_data = count > 0
+  biased = tf.math.divide_no_nan(tf.maximum(count - 1, 0.0), count)
+  return (y, count, tf.where(has_data, mean, 0.0),
+          tf.where(has_data, variance * biased, 0.0))
 
 
-def _replica_sums(x: tf.Tensor, axes: Sequence[int],
-                  mask: Optional[tf.Tensor]) -> tf.Tensor:
-  """This replica's [count, shift, sum(x - shift), sum((x - shift)^2)].
+def _merge_moments(count: tf.Tensor, mean: tf.Tensor,
+                   m2: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(count, mean, M2) of the union of replicas given theirs, stacked on axis 0.
 
-  Reduced over `axes` (kept as size-1 dimensions) and stacked on a new first
-  axis. `shift` is the replica's own mean as rounded to the compute dtype,
-  held constant for differentiation; an empty batch gives zeros, not NaN.
+  See the layer's docstring for the formulas.
   """
-  if mask is None:
-    weights = None
-    total = tf.reduce_sum(x, axes, keepdims=True)
-    size = tf.reduce_prod(tf.gather(tf.shape(x), axes))
-    count = tf.fill(tf.shape(total), tf.cast(size, x.dtype))
-  else:
-    weights = tf.broadcast_to(
-        tf.expand_dims(tf.cast(mask, x.dtype), -1), tf.shape(x))
-    total = tf.reduce_sum(weights * x, axes, keepdims=True)
-    count = tf.reduce_sum(weights, axes, keepdims=True)
-  shift = tf.stop_gradient(tf.math.divide_no_nan(total, count))
-  centered = x - shift
-  weighted = centered if weights is None else weights * centered
-  return tf.stack([
-      count, shift,
-      tf.reduce_sum(weighted, axes, keepdims=True),
-      tf.reduce_sum(weighted * centered, axes, keepdims=True)
-  ])
-
-
-def _merge_sums(sums: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """(count, mean, M2) of the union of the replicas whose sums are stacked.
-
-  `sums` is [num_replicas, 4, ...] from `_replica_sums`; see the layer's
-  docstring for the formulas.
-  """
-  count, shift, s1, s2 = tf.unstack(sums, axis=1)
   total = tf.reduce_sum(count, 0)
-  reference = tf.math.divide_no_nan(tf.reduce_sum(count * shift, 0), total)
-  offset = shift - reference
+  reference = tf.math.divide_no_nan(tf.reduce_sum(count * mean, 0), total)
+  offset = mean - reference
   mean_minus_reference = tf.math.divide_no_nan(
-      tf.reduce_sum(s1 + count * offset, 0), total)
-  e = mean_minus_reference - offset  # mean - shift, per replica.
-  m2 = tf.reduce_sum(s2 - 2 * e * s1 + count * tf.square(e), 0)
-  return total, reference + mean_minus_reference, m2
+      tf.reduce_sum(count * offset, 0), total)
+  gap = mean_minus_reference - offset  # Group mean - replica mean.
+  return (total, reference + mean_minus_reference,
+          tf.reduce_sum(m2 + count * tf.square(gap), 0))
 
 
 @tf.keras.utils.register_keras_serializable(package="megdet_tf")
@@ -136,38 +101,47 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
   model trained with groups can be evaluated and exported on one device. The
   group size must divide `num_replicas_in_sync`: checked when the layer is
   built under a strategy, and again whenever it is called in a replica context.
+  Training across replicas normalizes the last axis, takes a Python bool
+  `training` and no mask.
 
-  Numerics: statistics are computed in float32 (float64 for float64 layers;
-  the base class upcasts float16/bfloat16 inputs). Each replica r computes,
-  per channel, its element count n_r, a shift c_r (its own mean rounded to
-  float32, a constant for differentiation) and the shifted sums
-  s1_r = sum(x - c_r) and s2_r = sum((x - c_r)^2). The group merges them:
+  Speed: the heavy work runs in TensorFlow's fused batch-norm kernels, as in
+  per-replica BN; only per-channel vectors travel. Forward, the fused kernel
+  gives each replica's float32 mean and variance (also for float16/bfloat16
+  inputs); the group merges them; the fused kernel normalizes with the group
+  statistics. Backward, the fused gradient kernel gives dy * gamma / std and
+  the local sums of dy and dy * x_hat (which are also the gradients of beta and
+  gamma); the group sums the latter and subtracts their means from dx, as the
+  paper's backward pass does. With group_size 1 the fused training kernel and
+  its gradient do everything.
+
+  Merging: replica r contributes its element count n_r, mean c_r and
+  M2_r = n_r * variance_r. The group computes
 
     n = sum n_r,   ref = sum n_r c_r / n,   o_r = c_r - ref,
-    mean = ref + d,   d = sum (s1_r + n_r o_r) / n,   e_r = d - o_r,
-    M2 = sum (s2_r - 2 e_r s1_r + n_r e_r^2),   variance = M2 / n (biased),
+    mean = ref + d,   d = sum n_r o_r / n,
+    M2 = sum (M2_r + n_r (mean - c_r)^2),   variance = M2 / n (biased),
 
-  which is exactly the mean and variance of the concatenated group batch
-  (e_r = mean - c_r expands each replica's squares around the group mean).
-  Replicas are weighted by their counts, so uneven batches and empty replicas
-  (n_r = 0 adds nothing) are handled. Nothing cancels: x - c_r and c_r - ref
-  are differences of nearby floats (exact when the mean is large), s1_r is
-  tiny, and M2 sums non-negative terms, unlike E[x^2] - E[x]^2, which in
-  float32 loses the variance of inputs with mean 1e4 and unit variance. The
-  shifts also avoid the ~1e-4 relative error a plain merge of float32 means
-  (Chan's formula) makes there. If the whole group is empty the moving
-  statistics stand in, so they stay unchanged.
+  the mean and variance of the concatenated group batch. Replicas are weighted
+  by their counts, so uneven batches and empty replicas (n_r = 0 adds
+  nothing) are handled. If the whole group is empty the moving statistics
+  stay unchanged. Accuracy: the fused kernel sums squares around the
+  replica's own mean, c_r - ref are differences of nearby floats, d is small,
+  and M2 sums non-negative terms, so nothing cancels as in E[x^2] - E[x]^2
+  (off by ~1 in float32 at mean 1e4 and unit variance). What remains is the
+  rounding of each c_r by the kernel's float32 sum (~1e-3 at mean 1e4), which
+  reaches the group variance to first order: ~1e-4 relative there.
 
   Communication per layer and training step, over the group's own devices
   only (own group keys, NCCL on GPUs): forward, one all-gather of each
-  replica's packed [4, C] (n, c, s1, s2) into [group_size, 4C]; backward, one
-  all-reduce of its [group_size, 4C] gradient. Every member computes the same
-  merged statistics from the same gathered tensor, so its copy of the moving
-  statistics (SyncOnRead variables, updated from the group statistics) equals
-  its group's; reading them in cross-replica context gives the mean over
-  groups. All replicas must run the same layers in the same order. Replicas
-  run eagerly (no tf.function; slow, for debugging) exchange their rows
-  through one global all-reduce instead, with the same results.
+  replica's packed [3, C] (n, c, M2) into [group_size, 3C]; backward, one
+  all-reduce of [2C]. Every member computes the same merged statistics from
+  the same gathered tensor, so its copy of the moving statistics (SyncOnRead
+  variables, updated from the group statistics with the biased variance, as
+  Keras' synchronized BN does) equals its group's; reading them in
+  cross-replica context gives the mean over groups. All replicas must run the
+  same layers in the same order. Replicas run eagerly (no tf.function; slow,
+  for debugging) exchange their rows through global all-reduces instead, with
+  the same results.
   """
 
   def __init__(self, group_size: Optional[int] = None, **kwargs):
@@ -175,9 +149,13 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
                                    group_size < 1):
       raise ValueError(f"group_size must be None or a positive int, got "
                        f"{group_size!r}")
-    if kwargs.get("virtual_batch_size") is not None:
-      raise ValueError("virtual_batch_size (ghost batches) cannot be combined "
-                       "with cross-replica groups; use BatchNormalization.")
+    for option in ("virtual_batch_size", "adjustment"):
+      if kwargs.get(option) is not None:
+        raise ValueError(f"{option} cannot be combined with cross-replica "
+                         "groups; use BatchNormalization.")
+    if kwargs.get("renorm"):
+      raise ValueError("renorm cannot be combined with cross-replica groups; "
+                       "use BatchNormalization.")
     super().__init__(synchronized=True, **kwargs)
     self.group_size = group_size
 
@@ -187,11 +165,6 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
 
   def get_config(self):
     return {**super().get_config(), "group_size": self.group_size}
-
-  def _support_zero_size_input(self):
-    # The base class skips the moving-statistics update of an empty replica;
-    # here its group's statistics still apply (see _calculate_mean_and_var).
-    return False
 
   def _resolve_group_size(self, strategy: tf.distribute.Strategy) -> int:
     """Replicas per group under `strategy`; 1 if there is nothing to share."""
@@ -208,49 +181,143 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
 
   def _calculate_mean_and_var(self, inputs, reduction_axes, keep_dims,
                               mask=None):
-    with tf.name_scope("group_moments"):
-      sums = _replica_sums(inputs, reduction_axes, mask)
-      replica_ctx = tf.distribute.get_replica_context()
-      group_size = (self._resolve_group_size(replica_ctx.strategy)
-                    if replica_ctx is not None else 1)
-      if group_size > 1:
-        packed = tf.reshape(sums, [1, -1])
-        sums = tf.reshape(
-            self._gather_group(packed, replica_ctx, group_size),
-            tf.concat([[group_size], tf.shape(sums)], 0))
-      else:
-        sums = sums[tf.newaxis]
-      count, mean, m2 = _merge_sums(sums)
-      variance = tf.math.divide_no_nan(m2, count)
-      if not keep_dims:
-        count, mean, variance = (tf.squeeze(t, reduction_axes)
-                                 for t in (count, mean, variance))
-      has_data = count > 0
-      return (tf.where(has_data, mean, self.moving_mean),
-              tf.where(has_data, variance, self.moving_variance))
+    # Reached with a single replica only (see call): plain BN's moments.
+    return self._no_sync_calculate_mean_and_var(inputs, reduction_axes,
+                                                keep_dims, mask=mask)
 
-  def _gather_group(self, packed, replica_ctx, group_size):
-    """All group members' `packed` rows, [group_size, D], in replica order."""
+  def call(self, inputs, training=None, mask=None):
+    replica_ctx = tf.distribute.get_replica_context()
+    training = self._get_training_value(training)
+    training_value = (training if isinstance(training, bool) else
+                      tf.get_static_value(training))
+    if (replica_ctx is None or replica_ctx.num_replicas_in_sync == 1 or
+        (training_value is not None and not training_value)):
+      return super().call(inputs, training=training, mask=mask)
+    inputs = tf.cast(inputs, self.compute_dtype)
+    self._check_can_share(inputs, training_value, mask)
+    with tf.name_scope("group_batch_norm"):
+      group_size = self._resolve_group_size(replica_ctx.strategy)
+      x = tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]])
+      y, count, mean, variance = self._normalize_with_group(
+          x, replica_ctx, group_size)
+      has_data = count > 0
+      for moving, value in ((self.moving_mean, mean),
+                            (self.moving_variance, variance)):
+        self.add_update(functools.partial(
+            self._assign_moving_average, moving,
+            tf.where(has_data, value, moving), self.momentum, None))
+      return tf.reshape(y, tf.shape(inputs))
+
+  def _check_can_share(self, inputs, training_value, mask):
+    problem = None
+    if training_value is None:
+      problem = "`training` must be a Python bool"
+    elif mask is not None:
+      problem = "masks are not supported"
+    elif self.axis != [inputs.shape.rank - 1]:
+      problem = f"only the last axis can be normalized, not {self.axis}"
+    elif inputs.dtype == tf.float64:
+      problem = "float64 is not supported (use float32, float16 or bfloat16)"
+    if problem:
+      raise ValueError(f"{self.name}: training across replicas: {problem}.")
+
+  def _scale_and_offset(self, channels: int) -> Tuple[tf.Tensor, tf.Tensor]:
+    return (tf.convert_to_tensor(self.gamma) if self.scale else
+            tf.ones([channels]),
+            tf.convert_to_tensor(self.beta) if self.center else
+            tf.zeros([channels]))
+
+  def _normalize_with_group(self, x, replica_ctx, group_size):
+    """BN of `x` [N, 1, 1, C] with its group's statistics (see the class).
+
+    Returns y, and the group's count, mean and biased variance.
+    """
+    channels = x.shape[-1]
+    if group_size == 1:
+      return _fused_training_norm(x, *self._scale_and_offset(channels),
+                                  self.epsilon)
+    _, local_count, local_mean, local_variance = _fused_training_norm(
+        x, tf.ones([channels]), tf.zeros([channels]), self.epsilon)
+    local_count = tf.fill([channels], local_count)
+    rows = self._gather_group(
+        tf.reshape(tf.stack([local_count, local_mean,
+                             local_count * local_variance]), [1, -1]),
+        replica_ctx, group_size)
+    count, mean, m2 = _merge_moments(
+        *tf.unstack(tf.reshape(rows, [group_size, 3, channels]), axis=1))
+    variance = tf.math.divide_no_nan(m2, count)
+    epsilon = self.epsilon
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+      y, _, _, _, _, reserve = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=gamma, offset=beta, mean=mean, variance=variance,
+          epsilon=epsilon, is_training=False)
+
+      def grad(dy):
+        # dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with
+        # the group's means; the kernel gives the first term and the sums.
+        dx, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean,
+            reserve_space_2=variance, reserve_space_3=reserve,
+            epsilon=epsilon, is_training=False)
+        group_sums = tf.math.divide_no_nan(self._sum_group(
+            tf.concat([sum_dy, sum_dy_x_hat], 0), replica_ctx, group_size),
+            tf.concat([count, count], 0))
+        mean_dy, mean_dy_x_hat = tf.split(group_sums, 2)
+        inverse_std = tf.math.rsqrt(variance + epsilon)
+        gamma_over_std = gamma * inverse_std
+        correction = ((tf.cast(x, tf.float32) - mean) *
+                      (-gamma_over_std * inverse_std * mean_dy_x_hat) -
+                      gamma_over_std * mean_dy)
+        dx = tf.cast(tf.cast(dx, tf.float32) + correction, x.dtype)
+        return dx, sum_dy_x_hat, sum_dy
+
+      return y, grad
+
+    y = normalize(x, *self._scale_and_offset(channels))
+    return y, count, mean, variance
+
+  def _group_member(self, replica_ctx, group_size):
+    """(global replica id, group index) of the calling replica."""
     strategy = replica_ctx.strategy
     replica_id = tf.get_static_value(replica_ctx.replica_id_in_sync_group)
     if replica_id is None:
       raise ValueError(f"{self.name}: {type(strategy).__name__} has no static "
                        "replica ids; use MirroredStrategy or "
                        "MultiWorkerMirroredStrategy.")
-    group_index, rank = divmod(int(replica_id), group_size)
+    group_index = int(replica_id) // group_size
+    if group_index >= _MAX_GROUPS:
+      raise ValueError(f"{self.name}: more than {_MAX_GROUPS} BN groups.")
+    return int(replica_id), group_index
+
+  def _group_launcher(self, replica_ctx, group_size):
+    replica_id, group_index = self._group_member(replica_ctx, group_size)
+    local_devices = replica_ctx.strategy.extended.worker_devices
+    return _launcher(
+        _GROUP_KEY_BASE + group_size * _MAX_GROUPS + group_index, group_size,
+        local_devices[replica_id % len(local_devices)])
+
+  def _gather_group(self, packed, replica_ctx, group_size):
+    """All group members' `packed` rows, [group_size, D], in replica order."""
     if tf.executing_eagerly():
       # Eager MirroredStrategy runs its replicas one at a time, so a group
       # collective would wait forever for its peers. Keras' all-reduce meets
       # them in a merge_call: all-reduce [num_replicas, D] rows, each replica
       # filling its own, and keep the group's rows.
+      replica_id, group_index = self._group_member(replica_ctx, group_size)
       rows = tf.scatter_nd([[replica_id]], packed,
-                           [strategy.num_replicas_in_sync, packed.shape[1]])
+                           [replica_ctx.num_replicas_in_sync, packed.shape[1]])
       return replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows)[
           group_index * group_size:(group_index + 1) * group_size]
-    if group_index >= _MAX_GROUPS:
-      raise ValueError(f"{self.name}: more than {_MAX_GROUPS} BN groups.")
-    local_devices = strategy.extended.worker_devices
-    launcher = _launcher(
-        _GROUP_KEY_BASE + group_size * _MAX_GROUPS + group_index, group_size,
-        local_devices[replica_id % len(local_devices)])
-    return _group_all_gather(launcher, rank, packed)
+    with tf.name_scope("cgbn_allgather"):
+      return self._group_launcher(replica_ctx, group_size)._all_gather(  # pylint: disable=protected-access
+          packed, None)
+
+  def _sum_group(self, values, replica_ctx, group_size):
+    """The sum of `values` [D] over the group's members."""
+    if tf.executing_eagerly():
+      return tf.reduce_sum(
+          self._gather_group(values[tf.newaxis], replica_ctx, group_size), 0)
+    with tf.name_scope("cgbn_grad_allreduce"):
+      return self._group_launcher(replica_ctx, group_size).all_reduce(values)
