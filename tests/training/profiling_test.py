@@ -134,12 +134,14 @@ def test_profiled_window_on_four_replicas_reports_cgbn_and_gradients(
   for passed in ("cgbn_forward", "cgbn_backward"):
     names = [n for n in collectives if allreduce_report.kind_of(n) == passed]
     assert len(names) == len(widths) * row["steps"] * replicas
-    assert {n.split("/group_moments/")[0].split("/")[-1]
+    assert {n.split("/group_batch_norm/")[0].split("/")[-1]
             for n in names} == layer_names
     assert row[f"{passed}_count"] == len(widths)
-    # Each carries the group's packed (count, shift, sum, squares) rows.
-    assert row[f"{passed}_bytes"] == sum(group_size * 4 * c * 4
-                                         for c in widths)
+  # Float32 payloads: forward, the group's (count, mean, M2) rows; backward,
+  # the sums of dy and dy * x_hat.
+  assert row["cgbn_forward_bytes"] == sum(group_size * 3 * c * 4
+                                          for c in widths)
+  assert row["cgbn_backward_bytes"] == sum(2 * c * 4 for c in widths)
   # Every trainable weight's gradient is all-reduced once per step.
   assert row["gradient_count"] >= 1
   assert row["gradient_bytes"] == trainable_bytes

@@ -247,6 +247,10 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
         *tf.unstack(tf.reshape(rows, [group_size, 3, channels]), axis=1))
     variance = tf.math.divide_no_nan(m2, count)
     epsilon = self.epsilon
+    # The backward collective is named after this layer too (it would
+    # otherwise land at the top level), so that profiles attribute it.
+    scope = tf.get_current_name_scope()
+    grad_scope = f"{scope}/cgbn_grad_allreduce/" if scope else None
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -262,8 +266,8 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
             reserve_space_2=variance, reserve_space_3=reserve,
             epsilon=epsilon, is_training=False)
         group_sums = tf.math.divide_no_nan(self._sum_group(
-            tf.concat([sum_dy, sum_dy_x_hat], 0), replica_ctx, group_size),
-            tf.concat([count, count], 0))
+            tf.concat([sum_dy, sum_dy_x_hat], 0), replica_ctx, group_size,
+            grad_scope), tf.concat([count, count], 0))
         mean_dy, mean_dy_x_hat = tf.split(group_sums, 2)
         inverse_std = tf.math.rsqrt(variance + epsilon)
         gamma_over_std = gamma * inverse_std
@@ -314,10 +318,10 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
       return self._group_launcher(replica_ctx, group_size)._all_gather(  # pylint: disable=protected-access
           packed, None)
 
-  def _sum_group(self, values, replica_ctx, group_size):
-    """The sum of `values` [D] over the group's members."""
+  def _sum_group(self, values, replica_ctx, group_size, scope):
+    """The sum of `values` [D] over the group's members, named `scope`."""
     if tf.executing_eagerly():
       return tf.reduce_sum(
           self._gather_group(values[tf.newaxis], replica_ctx, group_size), 0)
-    with tf.name_scope("cgbn_grad_allreduce"):
+    with tf.name_scope(scope or "cgbn_grad_allreduce"):
       return self._group_launcher(replica_ctx, group_size).all_reduce(values)
