@@ -19,9 +19,9 @@ cross-GPU BN inside each machine:
   tools/profile_allreduce.py measures); B is NCCL's bus bandwidth over
   NVLink inside one machine, over the network once the ring spans machines.
 - T_cgbn: per trainable CGBN layer (frozen stages use moving statistics), a
-  forward all-gather of the group's [G, 4C] float32 rows and a backward
-  all-reduce of their gradient, inside one machine (G GPUs):
-  2 latencies + 3 (G-1)/G 16 G C / B_nvlink.
+  forward all-gather of the group's [G, 3C] float32 rows and a backward
+  all-reduce of [2C] float32, inside one machine (G GPUs):
+  2 latencies + (G-1)/G (12 G C + 2 * 8 C) / B_nvlink.
 
 Assumptions, all flags: NVLink 130 GB/s (nccl-tests all_reduce bus bandwidth
 of an 8 x V100 DGX-1), network 11 GB/s (one 100 Gb/s InfiniBand EDR port per
@@ -95,7 +95,8 @@ def cgbn_seconds(widths, group):
   """Forward all-gather + backward all-reduce of every CGBN layer."""
   if group == 1:
     return 0.0
-  moved = 3 * (group - 1) / group * sum(16 * group * c for c in widths)
+  moved = (group - 1) / group * sum(12 * group * c + 2 * 8 * c
+                                    for c in widths)
   return (2 * len(widths) * FLAGS.machine_latency_us * 1e-6 +
           moved / (FLAGS.nvlink_gb_per_s * 1e9))
 
