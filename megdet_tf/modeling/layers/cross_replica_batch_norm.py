@@ -149,13 +149,10 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
                                    group_size < 1):
       raise ValueError(f"group_size must be None or a positive int, got "
                        f"{group_size!r}")
-    for option in ("virtual_batch_size", "adjustment"):
-      if kwargs.get(option) is not None:
+    for option in ("virtual_batch_size", "adjustment", "renorm"):
+      if kwargs.get(option):
         raise ValueError(f"{option} cannot be combined with cross-replica "
                          "groups; use BatchNormalization.")
-    if kwargs.get("renorm"):
-      raise ValueError("renorm cannot be combined with cross-replica groups; "
-                       "use BatchNormalization.")
     super().__init__(synchronized=True, **kwargs)
     self.group_size = group_size
 
@@ -250,7 +247,6 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
     # The backward collective is named after this layer too (it would
     # otherwise land at the top level), so that profiles attribute it.
     scope = tf.get_current_name_scope()
-    grad_scope = f"{scope}/cgbn_grad_allreduce/" if scope else None
 
     @tf.custom_gradient
     def normalize(x, gamma, beta):
@@ -267,7 +263,7 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
             epsilon=epsilon, is_training=False)
         group_sums = tf.math.divide_no_nan(self._sum_group(
             tf.concat([sum_dy, sum_dy_x_hat], 0), replica_ctx, group_size,
-            grad_scope), tf.concat([count, count], 0))
+            scope), tf.concat([count, count], 0))
         mean_dy, mean_dy_x_hat = tf.split(group_sums, 2)
         inverse_std = tf.math.rsqrt(variance + epsilon)
         gamma_over_std = gamma * inverse_std
@@ -319,9 +315,11 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
           packed, None)
 
   def _sum_group(self, values, replica_ctx, group_size, scope):
-    """The sum of `values` [D] over the group's members, named `scope`."""
+    """The sum of `values` [D] over the group, named after `scope`."""
     if tf.executing_eagerly():
       return tf.reduce_sum(
           self._gather_group(values[tf.newaxis], replica_ctx, group_size), 0)
-    with tf.name_scope(scope or "cgbn_grad_allreduce"):
+    # A name ending in "/" re-enters `scope` from wherever backprop runs.
+    with tf.name_scope(f"{scope}/cgbn_grad_allreduce/" if scope else
+                       "cgbn_grad_allreduce"):
       return self._group_launcher(replica_ctx, group_size).all_reduce(values)
