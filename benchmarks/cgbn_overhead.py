@@ -18,6 +18,9 @@ Prints one JSON line per model and norm with the median step time of its best
 round and the ratio to `bn`. The CPU is shared, so rounds interleave the norms.
 
   python benchmarks/cgbn_overhead.py --replicas=8 --models=convnet,backbone
+  # The backbone at the demo's per-replica batch and image size:
+  python benchmarks/cgbn_overhead.py --models=backbone --batch=8 \
+      --backbone_size=256 --steps=8
 """
 import json
 import os

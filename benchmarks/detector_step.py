@@ -14,14 +14,21 @@ included:
                  `fasterrcnn_resnetfpn_coco` experiment (masks off), its
                  `train_step`, configured to the same model.
 
+Same results by other kernels: our RoI generator runs NMS with TensorFlow's
+`CombinedNonMaxSuppression` on each level's top-k candidates, Model Garden's
+with its padded NMS loop: the same proposals (tests/modeling/layers/
+roi_generator_test.py). Model Garden's own batched option is not the same
+work (it refills what NMS removed with lower-ranked anchors) and fails under
+mixed_bfloat16 (bfloat16 scores reach the float32-only kernel). Both SGDs do
+the same update in one fused kernel per variable: ours `MomentumSGD`, Model
+Garden's the legacy Keras SGD its optimizer factory builds by default.
+
 Not quite the same: Model Garden's FPN, RPN head and 2fc head always add a BN
 (one per FPN level, one per RPN level, one after each fc); ours do with
 `FPN.use_norm`, `RPNHead.use_norm` and `BoxHead.fc_norm`, on in the demo
 model and off in R50-FPN (Detectron's layout), where Model Garden thus runs
-12 more, small, BN layers than we do. The demo model trains in float32, and
-its batched NMS fails in Model Garden's model under mixed_bfloat16 (its RPN
-outputs reach `CombinedNonMaxSuppression` in bfloat16), so the demo setting
-runs in float32.
+12 more, small, BN layers than we do. The demo setting runs in float32, the
+demo's precision.
 
 Each run (setting:precision) is its own process, which builds both,
 warms both up (tracing), then alternates timed rounds of `--steps` steps
@@ -53,8 +60,7 @@ SETTINGS = {
         "decoder": {"fpn": {"num_filters": 64}},
         "rpn_head": {"num_filters": 64},
         "anchor": {"anchor_size": 4.0},
-        "roi_generator": {"pre_nms_top_k": 500, "num_proposals": 200,
-                          "use_batched_nms": True},
+        "roi_generator": {"pre_nms_top_k": 500, "num_proposals": 200},
         "roi_sampler": {"num_sampled_rois": 128},
         "detection_head": {"fc_dims": 256}}),
 }
@@ -149,7 +155,8 @@ def build_model_garden(size, overrides):
                  "parser": {"aug_scale_min": 1.0, "aug_scale_max": 1.0}})
   task = maskrcnn.MaskRCNNTask(config)
   model = task.build_model()
-  optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
+  # What Model Garden's `OptimizerFactory` builds for `sgd` by default.
+  optimizer = tf.keras.optimizers.legacy.SGD(0.01, momentum=0.9)
   iterator = iter(task.build_inputs(data))
 
   @tf.function

@@ -32,11 +32,11 @@ from megdet_tf.modeling.backbones.resnet import ResNet
 from megdet_tf.modeling.decoders.fpn import FPN
 from megdet_tf.modeling.heads.box_head import BoxHead
 from megdet_tf.modeling.heads.rpn_head import RPNHead
+from megdet_tf.modeling.layers.roi_generator import MultilevelROIGenerator
 from megdet_tf.ops import detection_outputs
 
-# Model Garden's RoI layers, configured from Gin by their class names.
-MultilevelROIGenerator = gin.external_configurable(
-    mg_layers.MultilevelROIGenerator, module="official.vision")
+# Model Garden's RoI layers, configured from Gin by their class names (the
+# RoI generator is our subclass of Model Garden's, configurable in its file).
 ROISampler = gin.external_configurable(mg_layers.ROISampler,
                                        module="official.vision")
 MultilevelROIAligner = gin.external_configurable(

@@ -109,8 +109,9 @@ class FasterRCNNLoss:
     }
     losses["model_loss"] = tf.add_n(list(losses.values()))
     decayed = decayed_variables(variables, self._weight_decay_on)
-    losses["l2_loss"] = 0.5 * self._weight_decay * tf.add_n(
-        [tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in decayed]
+    # tf.nn.l2_loss(w) = |w|^2 / 2 in one kernel; its gradient is one Mul.
+    losses["l2_loss"] = self._weight_decay * tf.add_n(
+        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in decayed]
     ) if decayed else tf.constant(0.0)
     losses["total_loss"] = losses["model_loss"] + losses["l2_loss"]
     return losses

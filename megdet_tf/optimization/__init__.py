@@ -6,3 +6,4 @@ from megdet_tf.optimization.lr_schedule import POLICIES
 from megdet_tf.optimization.lr_schedule import steps_per_epoch
 from megdet_tf.optimization.lr_schedule import WarmupLinearScaling
 from megdet_tf.optimization.optimizer import build_training_optimizer
+from megdet_tf.optimization.optimizer import MomentumSGD

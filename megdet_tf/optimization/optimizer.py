@@ -6,6 +6,8 @@ gradient goes through momentum like every other term. Gradient clipping
 (`clipnorm` per variable, `global_clipnorm` over all) acts on the gradients
 after they are summed over replicas.
 
+`MomentumSGD` is Keras' SGD with its dense update in one fused kernel.
+
 LARS and LAMB (Model Garden's implementations) are there for batches beyond
 the paper's 256; their own `weight_decay_rate` defaults to 0 for the same
 reason.
@@ -26,6 +28,30 @@ OPTIMIZERS = ("sgd", "lars", "lamb")
 LearningRate = Union[float, tf.keras.optimizers.schedules.LearningRateSchedule]
 
 
+@tf.keras.utils.register_keras_serializable(package="megdet_tf")
+class MomentumSGD(tf.keras.optimizers.SGD):
+  """`tf.keras.optimizers.SGD` whose dense momentum update is one kernel.
+
+  `ResourceApplyKerasMomentum` (the kernel of Keras' legacy SGD) computes
+  SGD's own update, m <- momentum m - lr g and w <- w + m (Nesterov: w <- w +
+  momentum m - lr g), in one pass over w, m and g. SGD's `update_step` runs
+  six element-wise ops per variable instead, which XLA fuses only on GPUs
+  (on this project's 2-core CPU: 130 ms of CPU time in a 1.1 s R50-FPN step).
+  Slots, checkpoints and config are SGD's; sparse gradients and momentum 0
+  take SGD's path.
+  """
+
+  def update_step(self, gradient, variable):
+    if isinstance(gradient, tf.IndexedSlices) or not self.momentum:
+      return super().update_step(gradient, variable)
+    momentum = self.momentums[self._index_dict[self._var_key(variable)]]
+    return tf.raw_ops.ResourceApplyKerasMomentum(
+        var=variable.handle, accum=momentum.handle,
+        lr=tf.cast(self.learning_rate, variable.dtype), grad=gradient,
+        momentum=tf.cast(self.momentum, variable.dtype),
+        use_nesterov=self.nesterov)
+
+
 @gin.configurable
 def build_training_optimizer(learning_rate: LearningRate,
                     optimizer: str = "sgd",
@@ -39,7 +65,7 @@ def build_training_optimizer(learning_rate: LearningRate,
   Args:
     learning_rate: a float or the run's schedule (`build_lr_schedule`); the
       update at `optimizer.iterations` = s uses `learning_rate(s)`.
-    optimizer: `sgd` (`tf.keras.optimizers.SGD`), `lars` or `lamb`.
+    optimizer: `sgd` (`MomentumSGD`, Keras' SGD), `lars` or `lamb`.
     momentum: momentum of `sgd` and `lars` (`lamb` has `beta_1` instead).
     nesterov: Nesterov momentum for `sgd` and `lars`.
     clipnorm: clip each variable's gradient to this norm.
@@ -54,8 +80,8 @@ def build_training_optimizer(learning_rate: LearningRate,
                                    ("global_clipnorm", global_clipnorm))
                  if v is not None})
   if optimizer == "sgd":
-    return tf.keras.optimizers.SGD(learning_rate, momentum=momentum,
-                                   nesterov=nesterov, **kwargs)
+    return MomentumSGD(learning_rate, momentum=momentum, nesterov=nesterov,
+                       **kwargs)
   if optimizer == "lars":
     return lars.LARS(learning_rate, momentum=momentum, nesterov=nesterov,
                      **kwargs)

@@ -97,11 +97,20 @@ def test_weight_decay_variables(weight_decay_on, decayed):
               if v.name.split("/")[0].rstrip("_0123456789") in decayed and (
                   weight_decay_on == "all" or "kernel" in v.name)]
   assert names == {v.name for v in expected}
-  got = losses.FasterRCNNLoss(weight_decay=3e-4,
-                              weight_decay_on=weight_decay_on)(
-                                  outputs, labels, model.trainable_variables)
+  with tf.GradientTape() as tape:
+    got = losses.FasterRCNNLoss(weight_decay=3e-4,
+                                weight_decay_on=weight_decay_on)(
+                                    outputs, labels, model.trainable_variables)
   l2 = 0.5 * 3e-4 * sum(np.sum(np.square(v.numpy())) for v in expected)
   np.testing.assert_allclose(got["l2_loss"], l2, rtol=1e-5)
+  # Its gradient is lambda * w on decayed variables, nothing elsewhere.
+  for v, grad in zip(model.trainable_variables, tape.gradient(
+      got["l2_loss"], model.trainable_variables)):
+    expected_grad = 3e-4 * v.numpy() if v.name in names else None
+    if expected_grad is None:
+      assert grad is None, v.name
+    else:
+      np.testing.assert_allclose(grad, expected_grad, rtol=1e-6)
   assert not any("moving" in n for n in names)
 
 

@@ -8,6 +8,9 @@ import numpy as np
 import tensorflow as tf
 
 from megdet_tf import optimization
+from megdet_tf.training import multi_worker_devices
+
+multi_worker_devices.split_cpu(8)  # As every in-process test module splits.
 
 
 def _schedule():
@@ -44,7 +47,7 @@ class BuildTrainingOptimizerTest(tf.test.TestCase, parameterized.TestCase):
   def test_sgd_momentum_update(self):
     schedule = _schedule()
     optimizer = optimization.build_training_optimizer(schedule)
-    self.assertIsInstance(optimizer, tf.keras.optimizers.SGD)
+    self.assertIsInstance(optimizer, optimization.MomentumSGD)
     w0 = np.array([1.0, -2.0])
     variable = tf.Variable(w0, dtype=tf.float32)
     _train(optimizer, variable, 2, _quadratic)
@@ -56,6 +59,42 @@ class BuildTrainingOptimizerTest(tf.test.TestCase, parameterized.TestCase):
     w2 = w1 + 0.9 * v1 - lr1 * w1
     self.assertAllClose(variable, w2)
     self.assertEqual(int(optimizer.iterations), 2)
+
+  @parameterized.parameters(False, True)
+  def test_fused_update_follows_keras_sgd_on_mirrored_replicas(self, nesterov):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    rng = np.random.default_rng(0)
+    initial = [rng.normal(size=shape) for shape in ((3, 4), (4,), (2, 2, 3))]
+    trajectories = []
+    for optimizer_class in (optimization.MomentumSGD, tf.keras.optimizers.SGD):
+      with strategy.scope():
+        variables = [tf.Variable(value, dtype=tf.float32) for value in initial]
+        optimizer = optimizer_class(_schedule(), momentum=0.9,
+                                    nesterov=nesterov)
+
+      def replica_step(variables=variables, optimizer=optimizer):
+        replica = tf.cast(
+            tf.distribute.get_replica_context().replica_id_in_sync_group + 1,
+            tf.float32)
+        with tf.GradientTape() as tape:  # Gradients differ between replicas.
+          loss = tf.add_n([tf.reduce_sum(tf.sin(replica * v))
+                           for v in variables])
+        optimizer.apply_gradients(
+            zip(tape.gradient(loss, variables), variables))
+
+      step = tf.function(lambda fn=replica_step: strategy.run(fn))
+      for _ in range(4):  # Warmup, then the decayed rate.
+        step()
+      trajectories.append([v.numpy() for v in variables])
+      fused_updates = [op for op in step.get_concrete_function().graph
+                       .get_operations()
+                       if op.type == "ResourceApplyKerasMomentum"]
+      self.assertLen(fused_updates,
+                     2 * len(variables) if optimizer_class is
+                     optimization.MomentumSGD else 0)
+    self.assertNotAllClose(trajectories[0][0], initial[0])
+    for fused, keras_sgd in zip(*trajectories):
+      self.assertAllClose(fused, keras_sgd, rtol=1e-6, atol=1e-6)
 
   def test_update_at_step_k_uses_schedule_of_k(self):
     schedule = _schedule()

@@ -1,6 +1,7 @@
-"""Layers shared by the detector: normalization chosen in one place."""
+"""Layers of the detector: normalization chosen in one place; RoI proposals."""
 from megdet_tf.modeling.layers.cross_replica_batch_norm import (
     CrossReplicaBatchNormalization)
 from megdet_tf.modeling.layers.normalization import bn_size
 from megdet_tf.modeling.layers.normalization import build_norm
 from megdet_tf.modeling.layers.normalization import FrozenBatchNormalization
+from megdet_tf.modeling.layers.roi_generator import MultilevelROIGenerator

@@ -52,9 +52,9 @@ def _launcher(group_key: int, group_size: int,
 def _fused_training_norm(
     x: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor,
     epsilon: float) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Per-replica BN of `x` [N, 1, 1, C] by the fused kernel.
+  """Per-replica BN of `x` [N, H, W, C] by the fused kernel.
 
-  Returns y, the row count and the float32 mean and biased variance. The
+  Returns y, the count N*H*W and the float32 mean and biased variance. The
   kernel computes them in two passes (the mean, then the squares around it)
   whatever the input dtype; its variance carries Bessel's correction, undone
   here. An empty `x` gives zero statistics (the kernel's NaNs are dropped).
@@ -62,7 +62,7 @@ def _fused_training_norm(
   y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
       x=x, scale=scale, offset=offset, mean=tf.constant([]),
       variance=tf.constant([]), epsilon=epsilon, is_training=True)
-  count = tf.cast(tf.shape(x)[0], tf.float32)
+  count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
   has_data = count > 0
   biased = tf.math.divide_no_nan(tf.maximum(count - 1, 0.0), count)
   return (y, count, tf.where(has_data, mean, 0.0),
@@ -111,8 +111,11 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
   statistics. Backward, the fused gradient kernel gives dy * gamma / std and
   the local sums of dy and dy * x_hat (which are also the gradients of beta and
   gamma); the group sums the latter and subtracts their means from dx, as the
-  paper's backward pass does. With group_size 1 the fused training kernel and
-  its gradient do everything.
+  paper's backward pass does (an affine map of x per channel, which the fused
+  inference kernel applies in one pass). With group_size 1 the fused training
+  kernel and its gradient do everything. Images stay [N, H, W, C] for the
+  kernels, so Grappler keeps their layouts and fusions; other ranks are
+  reshaped to [N', 1, 1, C].
 
   Merging: replica r contributes its element count n_r, mean c_r and
   M2_r = n_r * variance_r. The group computes
@@ -194,7 +197,10 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
     self._check_can_share(inputs, training_value, mask)
     with tf.name_scope("group_batch_norm"):
       group_size = self._resolve_group_size(replica_ctx.strategy)
-      x = tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]])
+      # The fused kernels take [N, H, W, C]; other ranks become [N', 1, 1, C].
+      is_image = inputs.shape.rank == 4
+      x = inputs if is_image else tf.reshape(inputs,
+                                             [-1, 1, 1, inputs.shape[-1]])
       y, count, mean, variance = self._normalize_with_group(
           x, replica_ctx, group_size)
       has_data = count > 0
@@ -203,7 +209,7 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
         self.add_update(functools.partial(
             self._assign_moving_average, moving,
             tf.where(has_data, value, moving), self.momentum, None))
-      return tf.reshape(y, tf.shape(inputs))
+      return y if is_image else tf.reshape(y, tf.shape(inputs))
 
   def _check_can_share(self, inputs, training_value, mask):
     problem = None
@@ -225,7 +231,7 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
             tf.zeros([channels]))
 
   def _normalize_with_group(self, x, replica_ctx, group_size):
-    """BN of `x` [N, 1, 1, C] with its group's statistics (see the class).
+    """BN of `x` [N, H, W, C] with its group's statistics (see the class).
 
     Returns y, and the group's count, mean and biased variance.
     """
@@ -265,13 +271,15 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
             tf.concat([sum_dy, sum_dy_x_hat], 0), replica_ctx, group_size,
             scope), tf.concat([count, count], 0))
         mean_dy, mean_dy_x_hat = tf.split(group_sums, 2)
-        inverse_std = tf.math.rsqrt(variance + epsilon)
-        gamma_over_std = gamma * inverse_std
-        correction = ((tf.cast(x, tf.float32) - mean) *
-                      (-gamma_over_std * inverse_std * mean_dy_x_hat) -
-                      gamma_over_std * mean_dy)
-        dx = tf.cast(tf.cast(dx, tf.float32) + correction, x.dtype)
-        return dx, sum_dy_x_hat, sum_dy
+        # The rest, -gamma / std * (mean(dy) + x_hat * mean(dy * x_hat)), is
+        # an affine map of x per channel: the fused inference kernel applies
+        # it in one pass over x.
+        minus_gamma_over_std = -gamma * tf.math.rsqrt(variance + epsilon)
+        correction, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=minus_gamma_over_std * mean_dy_x_hat,
+            offset=minus_gamma_over_std * mean_dy, mean=mean,
+            variance=variance, epsilon=epsilon, is_training=False)
+        return dx + correction, sum_dy_x_hat, sum_dy
 
       return y, grad
 

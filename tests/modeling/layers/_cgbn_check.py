@@ -30,13 +30,16 @@ BATCH_SIZES = (2, 3, 0, 1, 4, 2, 1, 3)
 INITIAL_MOVING = (0.0, 1.0)  # Keras' moving mean / variance initializers.
 
 
-def make_inputs(num_replicas, seed=0, mean=2.0, std=3.0):
-  """Per-replica inputs, upstream gradients, gamma and beta (numpy, float32)."""
+def make_inputs(num_replicas, seed=0, mean=2.0, std=3.0, spatial=SPATIAL):
+  """Per-replica inputs, upstream gradients, gamma and beta (numpy, float32).
+
+  Inputs are [N, *spatial, C]: images by default, () for fc features.
+  """
   rng = np.random.default_rng(seed)
   shift = mean + rng.normal(size=CHANNELS)  # Channels differ.
   batches, upstream = [], []
   for r in range(num_replicas):
-    shape = (BATCH_SIZES[r % len(BATCH_SIZES)],) + SPATIAL + (CHANNELS,)
+    shape = (BATCH_SIZES[r % len(BATCH_SIZES)],) + spatial + (CHANNELS,)
     batches.append((shift + std * rng.normal(size=shape)).astype(np.float32))
     upstream.append(rng.normal(size=shape).astype(np.float32))
   gamma = rng.uniform(0.5, 1.5, CHANNELS).astype(np.float32)
@@ -54,7 +57,7 @@ def run_step(strategy, group_size, batches, upstream, gamma, beta,
   with strategy.scope():
     layer = cross_replica_batch_norm.CrossReplicaBatchNormalization(
         group_size=group_size, momentum=MOMENTUM, epsilon=EPSILON, **kwargs)
-    layer.build((None,) + SPATIAL + (CHANNELS,))
+    layer.build((None,) + batches[0].shape[1:])
   layer.gamma.assign(gamma)
   layer.beta.assign(beta)
   x, w = strategy.experimental_distribute_values_from_function(
@@ -84,7 +87,12 @@ def run_step(strategy, group_size, batches, upstream, gamma, beta,
 
 
 def reference(group_size, batches, upstream, gamma, beta):
-  """Plain non-fused BN on each group's concatenated inputs, per replica."""
+  """Plain non-fused BN on each group's concatenated inputs, per replica.
+
+  In float64, so that the layer's float32 results are compared with exact
+  values (a float32 reference is itself off by ~1e-5 where a small
+  variance scales x up).
+  """
   expected = {k: [] for k in ("y", "dx", "dgamma", "dbeta", "moving_mean",
                               "moving_variance")}
   for start in range(0, len(batches), group_size):
@@ -92,12 +100,12 @@ def reference(group_size, batches, upstream, gamma, beta):
     sizes = [len(batches[r]) for r in members]
     bounds = np.cumsum([0] + sizes)
     bn = tf.keras.layers.BatchNormalization(
-        fused=False, momentum=MOMENTUM, epsilon=EPSILON)
-    bn.build((None,) + SPATIAL + (CHANNELS,))
+        fused=False, momentum=MOMENTUM, epsilon=EPSILON, dtype="float64")
+    bn.build((None,) + batches[0].shape[1:])
     bn.gamma.assign(gamma)
     bn.beta.assign(beta)
-    x = tf.constant(np.concatenate([batches[r] for r in members]))
-    w = tf.constant(np.concatenate([upstream[r] for r in members]))
+    x = tf.constant(np.concatenate([batches[r] for r in members]), tf.float64)
+    w = tf.constant(np.concatenate([upstream[r] for r in members]), tf.float64)
     if sum(sizes):
       with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
@@ -112,7 +120,7 @@ def reference(group_size, batches, upstream, gamma, beta):
       expected["y"].append(y[a:b].numpy())
       expected["dx"].append(dx[a:b].numpy())
       grads = (tape.gradient(parts[i], [bn.gamma, bn.beta]) if tape
-               else [tf.zeros(CHANNELS)] * 2)
+               else [tf.zeros(CHANNELS, tf.float64)] * 2)
       expected["dgamma"].append(grads[0].numpy())
       expected["dbeta"].append(grads[1].numpy())
       expected["moving_mean"].append(bn.moving_mean.numpy())

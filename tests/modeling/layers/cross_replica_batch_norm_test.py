@@ -37,9 +37,12 @@ def _assert_close(errors, tolerance=TOLERANCE):
   assert errors and max(errors.values()) <= tolerance, errors
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 4, 8, None])
-def test_matches_bn_on_each_groups_concatenated_batch(strategy, group_size):
-  inputs = _cgbn_check.make_inputs(NUM_REPLICAS)
+@pytest.mark.parametrize("group_size,spatial", [
+    (1, (3, 2)), (2, (3, 2)), (4, (3, 2)), (8, (3, 2)), (None, (3, 2)),
+    (1, ()), (4, ())])  # Images, and [N, C] features (reshaped inside).
+def test_matches_bn_on_each_groups_concatenated_batch(strategy, group_size,
+                                                      spatial):
+  inputs = _cgbn_check.make_inputs(NUM_REPLICAS, spatial=spatial)
   result, step, _ = _cgbn_check.run_step(strategy, group_size, *inputs)
   # None = the local worker's replicas = all 8 under MirroredStrategy.
   expected = _cgbn_check.reference(group_size or NUM_REPLICAS, *inputs)
