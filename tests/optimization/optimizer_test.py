@@ -62,7 +62,11 @@ class BuildTrainingOptimizerTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_fused_update_follows_keras_sgd_on_mirrored_replicas(self, nesterov):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Gradients summed without collectives: strategies created in one
+    # process reuse collective keys and would clash with other tests'.
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    strategy = tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
     rng = np.random.default_rng(0)
     initial = [rng.normal(size=shape) for shape in ((3, 4), (4,), (2, 2, 3))]
     trajectories = []
@@ -90,7 +94,7 @@ class BuildTrainingOptimizerTest(tf.test.TestCase, parameterized.TestCase):
                        .get_operations()
                        if op.type == "ResourceApplyKerasMomentum"]
       self.assertLen(fused_updates,
-                     2 * len(variables) if optimizer_class is
+                     len(devices) * len(variables) if optimizer_class is
                      optimization.MomentumSGD else 0)
     self.assertNotAllClose(trajectories[0][0], initial[0])
     for fused, keras_sgd in zip(*trajectories):
