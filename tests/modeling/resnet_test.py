@@ -169,6 +169,23 @@ def test_recompute_matches_gradients_and_statistics(norm, use_function):
     np.testing.assert_allclose(stats_r[name], stats[name], rtol=1e-6)
 
 
+def test_overlapping_recomputations_restore_the_momenta():
+  """Replicas' recomputations overlap when merge_calls interleave them."""
+  gin.bind_parameter("build_norm.norm", "bn")
+  backbone = resnet.ResNet(depth=18, width_multiplier=0.125)
+  backbone(_images(batch=1), training=True)
+  norms = [l for l in backbone.submodules
+           if isinstance(l, tf.keras.layers.BatchNormalization)]
+  replica_0 = resnet._moving_statistics_kept(backbone)  # pylint: disable=protected-access
+  replica_1 = resnet._moving_statistics_kept(backbone)  # pylint: disable=protected-access
+  replica_0.__enter__()
+  replica_1.__enter__()
+  replica_0.__exit__(None, None, None)
+  assert {n.momentum for n in norms} == {1.0}  # Replica 1 still recomputes.
+  replica_1.__exit__(None, None, None)
+  assert {n.momentum for n in norms} == {0.9}
+
+
 def test_recompute_keeps_only_stage_inputs():
   """Recomputation lowers the step's peak memory (here by about a third)."""
   gin.bind_parameter("build_norm.norm", "bn")

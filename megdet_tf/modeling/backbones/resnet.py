@@ -25,6 +25,7 @@ forward pass only.
 """
 import contextlib
 import functools
+import threading
 from typing import Dict
 
 import gin
@@ -101,24 +102,39 @@ def _block(kind: str, filters: int, strides: int, use_projection: bool,
                 (first, middle, 1), 4 * filters, use_projection, name=name)
 
 
+# Replicas share the layers, and MirroredStrategy interleaves their tracing
+# threads at every merge_call (cross-replica BN makes some), so their
+# recomputations overlap.
+_recomputing_lock = threading.Lock()
+_recomputing = {}  # id(layer) -> [replicas recomputing, saved momenta].
+
+
 @contextlib.contextmanager
 def _moving_statistics_kept(layer: tf.keras.layers.Layer):
   """Runs `layer`'s batch norms in training mode without updating statistics.
 
   The recomputed forward pass must normalize exactly as the first one did
   (batch statistics) but must not move the moving averages a second time;
-  momentum 1 is what Keras itself uses for "no update".
+  momentum 1 is what Keras itself uses for "no update". The first replica to
+  enter saves the momenta, the last to leave restores them.
   """
   norms = [l for l in layer.submodules
            if isinstance(l, tf.keras.layers.BatchNormalization)]
-  momenta = [n.momentum for n in norms]
-  for n in norms:
-    n.momentum = 1.0
+  with _recomputing_lock:
+    state = _recomputing.setdefault(
+        id(layer), [0, [n.momentum for n in norms]])
+    state[0] += 1
+    for n in norms:
+      n.momentum = 1.0
   try:
     yield
   finally:
-    for n, m in zip(norms, momenta):
-      n.momentum = m
+    with _recomputing_lock:
+      state[0] -= 1
+      if not state[0]:
+        for n, m in zip(norms, state[1]):
+          n.momentum = m
+        del _recomputing[id(layer)]
 
 
 @tf.keras.utils.register_keras_serializable(package="megdet_tf")
