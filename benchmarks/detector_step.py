@@ -34,9 +34,12 @@ Each run (setting:precision) is its own process, which builds both,
 warms both up (tracing), then alternates timed rounds of `--steps` steps
 (ours, theirs, ours, ...). Per pair of rounds, ratio = Model Garden time /
 ours; a JSON line per setting gives the medians, and `step_peak_mib`, the
-peak resident memory a detector's round adds (VmHWM reset before it). The
-last line is `speedup_vs_model_garden: X`, the median ratio for R50-FPN at
-256 px, batch 2, under `mixed_bfloat16`.
+most memory TensorFlow's CPU allocator held during a detector's rounds above
+what it held before them: activations, gradients and temporaries (weights,
+optimizer slots and the other detector are already allocated). The last line
+is `speedup_vs_model_garden: X`, the median ratio for R50-FPN at 256 px,
+batch 2, under `mixed_bfloat16`. benchmarks/recompute_memory.py measures our
+detector's recomputation with the same helpers.
 """
 import json
 import os
@@ -84,24 +87,19 @@ def _tfrecords(split):
   return os.path.join(FLAGS.data_dir, "tfrecord", f"{split}-*")
 
 
-def _memory_mib(field):
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f
-                if line.startswith(field)) / 1024
-
-
 def _timed_round(run_steps):
-  """Seconds per step of `run_steps()`, and the peak memory it added."""
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # Resets VmHWM to the current RSS.
-  before = _memory_mib("VmRSS")
+  """Seconds per step of `run_steps()`, and the peak memory it added (MiB)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.experimental.reset_memory_stats("CPU:0")
+  before = tf.config.experimental.get_memory_info("CPU:0")["current"]
   start = time.perf_counter()
   run_steps()
   seconds = (time.perf_counter() - start) / FLAGS.steps
-  return seconds, _memory_mib("VmHWM") - before
+  peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+  return seconds, (peak - before) / 2**20
 
 
-def build_ours(model_file, size, model_dir):
+def build_ours(model_file, size, model_dir, gin_params=()):
   """`run_steps()` for our trainer, traced and warmed up."""
   from megdet_tf.training import experiment  # pylint: disable=g-import-not-at-top
   precision = FLAGS.precision if FLAGS.precision != "float32" else None
@@ -118,7 +116,7 @@ def build_ours(model_file, size, model_dir):
       f"DetectorTrainer.mixed_precision={precision!r}",
       f"DetectorTrainer.steps_per_loop={FLAGS.steps}",
       f"DetectorTrainer.checkpoint_every_steps={10 ** 6}",
-      f"DetectorTrainer.log_every_seconds={10 ** 6}"])
+      f"DetectorTrainer.log_every_seconds={10 ** 6}", *gin_params])
   trainer = experiment.build_trainer(model_dir)
   trainer.train(max_steps=FLAGS.steps)  # Builds and traces the loop.
   # Then the traced loop alone: no checkpoint at the end of each round.

@@ -32,15 +32,15 @@ from megdet_tf.modeling.backbones.resnet import ResNet
 from megdet_tf.modeling.decoders.fpn import FPN
 from megdet_tf.modeling.heads.box_head import BoxHead
 from megdet_tf.modeling.heads.rpn_head import RPNHead
+from megdet_tf.modeling.layers.roi_aligner import MultilevelROIAligner
 from megdet_tf.modeling.layers.roi_generator import MultilevelROIGenerator
 from megdet_tf.ops import detection_outputs
 
 # Model Garden's RoI layers, configured from Gin by their class names (the
-# RoI generator is our subclass of Model Garden's, configurable in its file).
+# RoI generator and aligner are our subclasses of Model Garden's, configurable
+# in their files).
 ROISampler = gin.external_configurable(mg_layers.ROISampler,
                                        module="official.vision")
-MultilevelROIAligner = gin.external_configurable(
-    mg_layers.MultilevelROIAligner, module="official.vision")
 DetectionGenerator = gin.external_configurable(
     mg_layers.DetectionGenerator, module="official.vision")
 

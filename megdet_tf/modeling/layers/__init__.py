@@ -1,7 +1,8 @@
-"""Layers of the detector: normalization chosen in one place; RoI proposals."""
+"""Layers of the detector: normalization chosen in one place; RoI layers."""
 from megdet_tf.modeling.layers.cross_replica_batch_norm import (
     CrossReplicaBatchNormalization)
 from megdet_tf.modeling.layers.normalization import bn_size
 from megdet_tf.modeling.layers.normalization import build_norm
 from megdet_tf.modeling.layers.normalization import FrozenBatchNormalization
+from megdet_tf.modeling.layers.roi_aligner import MultilevelROIAligner
 from megdet_tf.modeling.layers.roi_generator import MultilevelROIGenerator
