@@ -128,8 +128,9 @@ def test_finds_the_drawn_shapes(predicted):
              for category, box in objects]
     assert objects and np.mean(found) >= 0.8, (file_name, objects,
                                                detections)
-  # The grayscale copy runs too; colour was not what the classes were.
-  assert {r["file_name"] for r in results} >= {"more/gray.png"}
+  # The grayscale copy is read and annotated (next test) but has no truth
+  # here: whether the demo model, trained on colour, still sees its shapes
+  # above the threshold is not the tool's behaviour.
 
 
 @pytest.mark.slow
