@@ -108,7 +108,10 @@ def test_mirrored_steps_lower_the_loss_and_keep_replicas_identical(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
   data = str(tmp_path / "data")
-  params = tiny_params(data)
+  # Model Garden's RoIAlign: its backward pass is bitwise reproducible, so
+  # resuming can be compared with an uninterrupted run.
+  params = tiny_params(data, **{
+      "MultilevelROIAligner.use_crop_and_resize": False})
   steps = "--max_steps=8"
   reference = run(train_cmd(tmp_path / "reference", params, steps))
   assert reference.returncode == 0, reference.stderr[-3000:]

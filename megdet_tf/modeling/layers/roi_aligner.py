@@ -1,4 +1,4 @@
-"""Model Garden's RoIAlign, computed by TensorFlow's `crop_and_resize` kernel.
+"""Model Garden's RoIAlign, optionally by TensorFlow's `crop_and_resize` kernel.
 
 Model Garden's `MultilevelROIAligner` samples each RoI's `crop_size` x
 `crop_size` bin centres bilinearly: it gathers the four neighbours of every
@@ -7,7 +7,8 @@ elementwise ops and average-pools. Its backward pass scatters through an
 `UnsortedSegmentSum` of that matrix, in the features' dtype. Together that
 is about a tenth of an R50-FPN training step on a CPU.
 
-This subclass takes the same samples with `tf.image.crop_and_resize`, whose
+With `use_crop_and_resize`, this subclass takes the same samples with
+`tf.image.crop_and_resize`, whose
 native kernels (CPU and GPU, forward and backward) interpolate in float32:
 RoIs are grouped by the level Model Garden assigns them, each level's RoIs
 are cropped from that level alone, and the crops are put back in RoI order.
@@ -15,6 +16,10 @@ The result equals Model Garden's (tests/modeling/layers/roi_aligner_test.py)
 for RoIs inside the feature maps, as proposals and ground-truth boxes are:
 samples between the last row (column) and the map's edge repeat it, as
 Model Garden's clamping does, through one row and column of edge padding.
+Unlike Model Garden's, that backward pass is not bitwise reproducible on a
+CPU (the kernel's threads add into the feature gradient in varying order),
+and a run's RoI sampling amplifies such differences within a few steps: off
+by default, as in Model Garden; gin/model/r50_fpn.gin turns it on.
 """
 from typing import Mapping, Optional
 
@@ -30,14 +35,20 @@ _CANONICAL_LEVEL = 4.0
 @gin.configurable
 @tf.keras.utils.register_keras_serializable(package="megdet_tf")
 class MultilevelROIAligner(mg_layers.MultilevelROIAligner):
-  """`official.vision` `MultilevelROIAligner` on `crop_and_resize`."""
+  """`official.vision` RoIAlign, optionally by `crop_and_resize`."""
+
+  def __init__(self, use_crop_and_resize: bool = False, **kwargs):
+    """Model Garden's arguments; `use_crop_and_resize`: see the module."""
+    super().__init__(**kwargs)
+    self._config_dict["use_crop_and_resize"] = use_crop_and_resize
 
   def call(self,
            features: Mapping[str, tf.Tensor],
            boxes: tf.Tensor,
            training: Optional[bool] = None) -> tf.Tensor:
     """[B, N, crop, crop, C] features of `boxes` ([B, N, 4] y1x1y2x2 px)."""
-    del training  # Same in training and inference.
+    if not self._config_dict["use_crop_and_resize"]:
+      return super().call(features, boxes, training=training)
     crop_size = self._config_dict["crop_size"]
     offset = self._config_dict["sample_offset"]
     levels = sorted(int(level) for level in features)

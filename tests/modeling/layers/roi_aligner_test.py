@@ -54,7 +54,8 @@ def test_equals_model_gardens_roialign_and_its_gradients():
   expected, expected_grads = _output_and_feature_gradients(
       mg_layers.MultilevelROIAligner(crop_size=7), features, boxes)
   crops, grads = _output_and_feature_gradients(
-      MultilevelROIAligner(crop_size=7), features, boxes)
+      MultilevelROIAligner(crop_size=7, use_crop_and_resize=True), features,
+      boxes)
   assert crops.shape == (2, 206, 7, 7, 8) and crops.dtype == tf.float32
   np.testing.assert_allclose(crops, expected, atol=1e-4)
   for level in features:
@@ -69,17 +70,19 @@ def test_sample_offset_as_model_gardens(sample_offset):
   features, boxes = _features(tf.float32), _boxes(num_random=50)
   expected = mg_layers.MultilevelROIAligner(
       crop_size=5, sample_offset=sample_offset)(features, boxes)
-  crops = MultilevelROIAligner(crop_size=5, sample_offset=sample_offset)(
-      features, boxes)
+  crops = MultilevelROIAligner(crop_size=5, sample_offset=sample_offset,
+                               use_crop_and_resize=True)(features, boxes)
   np.testing.assert_allclose(crops, expected, atol=1e-4)
 
 
 def test_mixed_bfloat16_gives_bfloat16_crops_close_to_float32():
   boxes = _boxes(num_random=50)
-  exact = MultilevelROIAligner()(_features(tf.float32), boxes)
+  exact = MultilevelROIAligner(use_crop_and_resize=True)(
+      _features(tf.float32), boxes)
   features = _features(tf.bfloat16)
   crops, grads = _output_and_feature_gradients(
-      MultilevelROIAligner(dtype="mixed_bfloat16"), features, boxes)
+      MultilevelROIAligner(use_crop_and_resize=True, dtype="mixed_bfloat16"),
+      features, boxes)
   assert crops.dtype == tf.bfloat16
   assert all(grads[level].dtype == tf.bfloat16 for level in grads)
   # Features rounded to bfloat16 (8 bits), then one rounding of the crop.
@@ -87,8 +90,16 @@ def test_mixed_bfloat16_gives_bfloat16_crops_close_to_float32():
                              atol=2e-2)
 
 
+def test_off_by_default_is_model_gardens_own_path():
+  features, boxes = _features(tf.float32), _boxes(num_random=50)
+  expected = mg_layers.MultilevelROIAligner()(features, boxes)
+  np.testing.assert_array_equal(MultilevelROIAligner()(features, boxes),
+                                expected)
+
+
 def test_config_round_trip():
-  layer = MultilevelROIAligner(crop_size=5, sample_offset=0.25)
+  layer = MultilevelROIAligner(crop_size=5, sample_offset=0.25,
+                               use_crop_and_resize=True)
   restored = tf.keras.layers.deserialize(tf.keras.layers.serialize(layer))
   assert isinstance(restored, MultilevelROIAligner)
   assert restored.get_config() == layer.get_config()
