@@ -17,7 +17,6 @@ peak with recomputation over the peak without.
 import json
 import os
 import statistics
-import sys
 import tempfile
 
 from absl import app
@@ -64,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  app.run(main)

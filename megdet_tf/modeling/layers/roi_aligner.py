@@ -8,9 +8,8 @@ elementwise ops and average-pools. Its backward pass scatters through an
 is about a tenth of an R50-FPN training step on a CPU.
 
 With `use_crop_and_resize`, this subclass takes the same samples with
-`tf.image.crop_and_resize`, whose
-native kernels (CPU and GPU, forward and backward) interpolate in float32:
-RoIs are grouped by the level Model Garden assigns them, each level's RoIs
+`tf.image.crop_and_resize`, whose native kernels (CPU and GPU, forward and
+backward) interpolate in float32: RoIs are grouped by the level Model Garden assigns them, each level's RoIs
 are cropped from that level alone, and the crops are put back in RoI order.
 The result equals Model Garden's (tests/modeling/layers/roi_aligner_test.py)
 for RoIs inside the feature maps, as proposals and ground-truth boxes are:
@@ -52,6 +51,7 @@ class MultilevelROIAligner(mg_layers.MultilevelROIAligner):
     crop_size = self._config_dict["crop_size"]
     offset = self._config_dict["sample_offset"]
     levels = sorted(int(level) for level in features)
+    finest = features[str(levels[0])]
     batch, num_boxes = tf.shape(boxes)[0], tf.shape(boxes)[1]
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     image_ids = tf.repeat(tf.range(batch), num_boxes)
@@ -76,12 +76,10 @@ class MultilevelROIAligner(mg_layers.MultilevelROIAligner):
                  mode="SYMMETRIC"),
           (start + first_last * extent) / tf.tile(size, [2]),
           tf.gather(image_ids, ids), [crop_size, crop_size]))
-    crops = tf.dynamic_stitch(box_ids, crops)
-    num_channels = features[str(levels[0])].shape[-1]
-    return tf.cast(
-        tf.reshape(crops, [batch, num_boxes, crop_size, crop_size,
-                           num_channels]),
-        features[str(levels[0])].dtype)
+    crops = tf.reshape(tf.dynamic_stitch(box_ids, crops),
+                       [batch, num_boxes, crop_size, crop_size,
+                        finest.shape[-1]])
+    return tf.cast(crops, finest.dtype)
 
 
 def _assigned_levels(boxes: tf.Tensor, min_level: int,
