@@ -6,6 +6,8 @@ logical CPU replicas (MirroredStrategy) of each `--models` entry:
   convnet    a small conv net, [conv3x3 -> norm -> relu] x layers;
   backbone   the demo detector's backbone (gin/model/demo.gin: ResNet-18 at a
              quarter width, all stages trained), norms from `build_norm`;
+  r50        the paper's detector backbone (gin/model/r50_fpn.gin: ResNet-50),
+             all stages trained (53 norms), norms from `build_norm`;
 
 for each norm:
 
@@ -16,11 +18,18 @@ for each norm:
 
 Prints one JSON line per model and norm with the median step time of its best
 round and the ratio to `bn`. The CPU is shared, so rounds interleave the norms.
+`--local_only` splits CGBN's cost: its group exchanges become local stand-ins
+(each replica's own rows copied for the whole group), so the step keeps every
+kernel of CGBN but no collective; the rest over `bn` is the extra passes.
 
   python benchmarks/cgbn_overhead.py --replicas=8 --models=convnet,backbone
   # The backbone at the demo's per-replica batch and image size:
   python benchmarks/cgbn_overhead.py --models=backbone --batch=8 \
       --backbone_size=256 --steps=8
+  # The paper's backbone at its per-GPU batch (2 images), smaller images,
+  # then without CGBN's collectives:
+  python benchmarks/cgbn_overhead.py --models=r50 --backbone_size=256 \
+      --steps=5 [--local_only --group_sizes=2,4,8]
 """
 import json
 import os
@@ -36,15 +45,29 @@ _REPLICAS = flags.DEFINE_integer("replicas", 8, "Logical CPU replicas.")
 _GROUP_SIZES = flags.DEFINE_list("group_sizes", ["1", "2", "4", "8"],
                                  "CrossReplicaBatchNormalization group sizes.")
 _MODELS = flags.DEFINE_list("models", ["convnet", "backbone"],
-                            "Networks to time: convnet, backbone.")
+                            "Networks to time: convnet, backbone, r50.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Images per replica.")
 _SIZE = flags.DEFINE_integer("size", 32, "convnet image height and width.")
-_BACKBONE_SIZE = flags.DEFINE_integer("backbone_size", 128,
-                                      "backbone image height and width.")
+_BACKBONE_SIZE = flags.DEFINE_integer(
+    "backbone_size", 128, "backbone and r50 image height and width.")
 _CHANNELS = flags.DEFINE_integer("channels", 64, "convnet conv filters.")
 _LAYERS = flags.DEFINE_integer("layers", 4, "convnet conv + norm blocks.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
+_LOCAL_ONLY = flags.DEFINE_bool(
+    "local_only", False, "CGBN without collectives (see the docstring).")
+
+
+def _drop_group_exchanges():
+  """CGBN's group exchanges become copies of the replica's own contribution."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from megdet_tf.modeling.layers import cross_replica_batch_norm  # pylint: disable=g-import-not-at-top
+  layer = cross_replica_batch_norm.CrossReplicaBatchNormalization
+  layer._gather_group = (  # pylint: disable=protected-access
+      lambda self, packed, replica_ctx, group_size: tf.tile(
+          packed, [group_size, 1]))
+  layer._sum_group = (  # pylint: disable=protected-access
+      lambda self, values, replica_ctx, group_size, scope: values * group_size)
 
 
 def _norm_bindings(kind):
@@ -66,8 +89,9 @@ def _build_model(model, kind):
     gin.clear_config()
     for name, value in norm.items():  # Every `build_norm` call of the network.
       gin.bind_parameter(f"build_norm.{name}", value)
-  if model == "backbone":
-    network = resnet.ResNet(depth=18, width_multiplier=0.25, freeze_at=0)
+  if model in ("backbone", "r50"):
+    network = (resnet.ResNet(depth=18, width_multiplier=0.25, freeze_at=0)
+               if model == "backbone" else resnet.ResNet(depth=50, freeze_at=0))
     size = _BACKBONE_SIZE.value
   else:
     network = tf.keras.Sequential([tf.keras.Sequential([
@@ -121,6 +145,8 @@ def main(argv):
   del argv
   multi_worker_devices.split_cpu(_REPLICAS.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if _LOCAL_ONLY.value:
+    _drop_group_exchanges()
   strategy = tf.distribute.MirroredStrategy(
       [f"/cpu:{i}" for i in range(_REPLICAS.value)])
   kinds = ["bn", "keras_sync"] + [f"cgbn_g{k}" for k in _GROUP_SIZES.value]
@@ -130,7 +156,8 @@ def main(argv):
       print(json.dumps({
           "benchmark": "cgbn_overhead", "model": model, "norm": kind,
           "replicas": _REPLICAS.value, "batch": _BATCH.value,
-          "size": _BACKBONE_SIZE.value if model == "backbone" else _SIZE.value,
+          "size": _SIZE.value if model == "convnet" else _BACKBONE_SIZE.value,
+          "local_only": _LOCAL_ONLY.value,
           "step_ms": round(best[kind] * 1e3, 2),
           "ratio_to_bn": round(best[kind] / best["bn"], 3)}), flush=True)
   os._exit(0)  # Skips the slow teardown of the traced graphs.

@@ -16,7 +16,11 @@ Output: a Markdown table on stdout, the same table as TensorBoard text in
 output_dir, each setting's figures as TensorBoard scalars (`allreduce/*`)
 beside its profile in output_dir/group_size_K (replaced on every run), and
 output_dir/allreduce_report.json. Group sizes that do not divide the number
-of replicas are skipped. Needs the `profile` extra (xprof).
+of replicas are skipped. Needs the `profile` extra (xprof). On logical CPU
+replicas, CGBN groups of one process share their statistics inside the
+traced graph, with no collective to profile; add
+`--gin_param="build_norm.exchange='collective'"` to profile the collectives
+that GPUs run.
 """
 import json
 import os

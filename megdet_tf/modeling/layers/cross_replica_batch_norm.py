@@ -14,12 +14,18 @@ import tensorflow as tf
 # keys at call time and orders a device's collectives with a per-device token.
 from tensorflow.python.distribute import collective_util
 from tensorflow.python.distribute import cross_device_utils
+from tensorflow.python.distribute import distribute_utils
+
+from megdet_tf.ops import group_norm_kernels
 
 # Group keys identify a set of devices across the whole cluster. The
 # strategies' own keys count up from 1; ours live far above them and encode
 # (group size, group index), so every process derives the same key for a group.
 _GROUP_KEY_BASE = 1 << 28
 _MAX_GROUPS = 1 << 16
+
+# How group members share their rows in a traced step (see the layer).
+EXCHANGES = ("auto", "collective")
 
 _launchers = {}
 # MirroredStrategy traces its replicas in threads.
@@ -47,6 +53,26 @@ def _launcher(group_key: int, group_size: int,
           group_key, group_size, collective_keys, device,
           collective_util.Options(implementation=implementation))
     return _launchers[key]
+
+
+def _concatenate(values):
+  return tf.concat(values, 0)
+
+
+def _share_in_graph(strategy: tf.distribute.Strategy, value,
+                    group_size: int, combine):
+  """Each local replica's `combine` of its group's values, on its device.
+
+  A `merge_call` function: `value` holds every local replica's tensor (the
+  other arguments must be the same objects in every replica).
+  """
+  values = strategy.experimental_local_results(value)
+  shared = []
+  for index, device in enumerate(strategy.extended.worker_devices):
+    first = index // group_size * group_size
+    with tf.device(device):
+      shared.append(combine(list(values[first:first + group_size])))
+  return distribute_utils.regroup(tuple(shared))
 
 
 def _fused_training_norm(
@@ -104,18 +130,23 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
   Training across replicas normalizes the last axis, takes a Python bool
   `training` and no mask.
 
-  Speed: the heavy work runs in TensorFlow's fused batch-norm kernels, as in
-  per-replica BN; only per-channel vectors travel. Forward, the fused kernel
-  gives each replica's float32 mean and variance (also for float16/bfloat16
-  inputs); the group merges them; the fused kernel normalizes with the group
-  statistics. Backward, the fused gradient kernel gives dy * gamma / std and
-  the local sums of dy and dy * x_hat (which are also the gradients of beta and
-  gamma); the group sums the latter and subtracts their means from dx, as the
-  paper's backward pass does (an affine map of x per channel, which the fused
-  inference kernel applies in one pass). With group_size 1 the fused training
-  kernel and its gradient do everything. Images stay [N, H, W, C] for the
-  kernels, so Grappler keeps their layouts and fusions; other ranks are
-  reshaped to [N', 1, 1, C].
+  Speed: only per-channel vectors travel, and each pass over the activations
+  runs in one kernel. Forward, each replica takes its float32 mean and M2
+  (also for float16/bfloat16 inputs); the group merges them; TensorFlow's
+  fused inference kernel normalizes with the group statistics (and Grappler
+  fuses a following ReLU into it). Backward, each replica sums dy and
+  dy * x_hat (which are also the gradients of beta and gamma); the group sums
+  those; dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with
+  the group's means, as the paper's backward pass does. On CPUs the
+  statistics, the sums and dx come from `megdet_tf.ops.group_norm_kernels`
+  (the statistics in two reading passes, the sums in one, dx in one);
+  elsewhere, or without a C++ compiler, from TensorFlow's fused kernels: the
+  training kernel for the statistics, the gradient kernel for the sums and
+  dy * gamma / std, and the inference kernel for the rest of dx (an affine map
+  of x per channel), with the same results. With group_size 1 the fused
+  training kernel and its gradient do everything. Images stay [N, H, W, C]
+  for the kernels, so Grappler keeps their layouts and fusions; other ranks
+  are reshaped to [N', 1, 1, C].
 
   Merging: replica r contributes its element count n_r, mean c_r and
   M2_r = n_r * variance_r. The group computes
@@ -134,11 +165,16 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
   rounding of each c_r by the kernel's float32 sum (~1e-3 at mean 1e4), which
   reaches the group variance to first order: ~1e-4 relative there.
 
-  Communication per layer and training step, over the group's own devices
-  only (own group keys, NCCL on GPUs): forward, one all-gather of each
-  replica's packed [3, C] (n, c, M2) into [group_size, 3C]; backward, one
-  all-reduce of [2C]. Every member computes the same merged statistics from
-  the same gathered tensor, so its copy of the moving statistics (SyncOnRead
+  Communication per layer and training step, within the group only:
+  forward, an all-gather of each replica's packed [3, C] (n, c, M2) into
+  [group_size, 3C]; backward, an all-reduce of [2C]. How they run is
+  `exchange`: with "auto" (the default), a group of CPU replicas of one worker
+  shares the rows inside the traced graph (each member concatenates or adds
+  its group's tensors, which live in the process's memory), which is cheaper
+  than TensorFlow's CPU collectives; any other group, and every group with
+  "collective", runs collectives over its own devices (own group keys, NCCL
+  on GPUs). Every member computes the same merged statistics from the same
+  gathered tensor, so its copy of the moving statistics (SyncOnRead
   variables, updated from the group statistics with the biased variance, as
   Keras' synchronized BN does) equals its group's; reading them in
   cross-replica context gives the mean over groups. All replicas must run the
@@ -147,24 +183,30 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
   the same results.
   """
 
-  def __init__(self, group_size: Optional[int] = None, **kwargs):
+  def __init__(self, group_size: Optional[int] = None, exchange: str = "auto",
+               **kwargs):
     if group_size is not None and (not isinstance(group_size, int) or
                                    group_size < 1):
       raise ValueError(f"group_size must be None or a positive int, got "
                        f"{group_size!r}")
+    if exchange not in EXCHANGES:
+      raise ValueError(f"exchange must be one of {EXCHANGES}, got "
+                       f"{exchange!r}")
     for option in ("virtual_batch_size", "adjustment", "renorm"):
       if kwargs.get(option):
         raise ValueError(f"{option} cannot be combined with cross-replica "
                          "groups; use BatchNormalization.")
     super().__init__(synchronized=True, **kwargs)
     self.group_size = group_size
+    self.exchange = exchange
 
   def build(self, input_shape):
     super().build(input_shape)
     self._resolve_group_size(tf.distribute.get_strategy())
 
   def get_config(self):
-    return {**super().get_config(), "group_size": self.group_size}
+    return {**super().get_config(), "group_size": self.group_size,
+            "exchange": self.exchange}
 
   def _resolve_group_size(self, strategy: tf.distribute.Strategy) -> int:
     """Replicas per group under `strategy`; 1 if there is nothing to share."""
@@ -239,12 +281,18 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
     if group_size == 1:
       return _fused_training_norm(x, *self._scale_and_offset(channels),
                                   self.epsilon)
-    _, local_count, local_mean, local_variance = _fused_training_norm(
-        x, tf.ones([channels]), tf.zeros([channels]), self.epsilon)
-    local_count = tf.fill([channels], local_count)
+    kernels = (group_norm_kernels.load() if "CPU" in self._replica_device(
+        replica_ctx).upper() else None)
+    if kernels:
+      local_count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+      local_mean, local_m2 = kernels.megdet_channel_moments(x)
+    else:
+      _, local_count, local_mean, local_variance = _fused_training_norm(
+          x, tf.ones([channels]), tf.zeros([channels]), self.epsilon)
+      local_m2 = local_count * local_variance
     rows = self._gather_group(
-        tf.reshape(tf.stack([local_count, local_mean,
-                             local_count * local_variance]), [1, -1]),
+        tf.reshape(tf.stack([tf.fill([channels], local_count), local_mean,
+                             local_m2]), [1, -1]),
         replica_ctx, group_size)
     count, mean, m2 = _merge_moments(
         *tf.unstack(tf.reshape(rows, [group_size, 3, channels]), axis=1))
@@ -262,24 +310,37 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
 
       def grad(dy):
         # dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with
-        # the group's means; the kernel gives the first term and the sums.
-        dx, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-            y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean,
-            reserve_space_2=variance, reserve_space_3=reserve,
-            epsilon=epsilon, is_training=False)
+        # the group's means of the local sums of dy and dy * x_hat.
+        inverse_std = tf.math.rsqrt(variance + epsilon)
+        if kernels:
+          sum_dy, sum_dy_centered = kernels.megdet_channel_grad_sums(
+              dy, x, mean)
+          sum_dy_x_hat = sum_dy_centered * inverse_std
+        else:  # The fused kernel gives the sums and the first term of dx.
+          dx, sum_dy_x_hat, sum_dy, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+              y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean,
+              reserve_space_2=variance, reserve_space_3=reserve,
+              epsilon=epsilon, is_training=False)
         group_sums = tf.math.divide_no_nan(self._sum_group(
             tf.concat([sum_dy, sum_dy_x_hat], 0), replica_ctx, group_size,
             scope), tf.concat([count, count], 0))
         mean_dy, mean_dy_x_hat = tf.split(group_sums, 2)
-        # The rest, -gamma / std * (mean(dy) + x_hat * mean(dy * x_hat)), is
-        # an affine map of x per channel: the fused inference kernel applies
-        # it in one pass over x.
-        minus_gamma_over_std = -gamma * tf.math.rsqrt(variance + epsilon)
-        correction, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=minus_gamma_over_std * mean_dy_x_hat,
-            offset=minus_gamma_over_std * mean_dy, mean=mean,
-            variance=variance, epsilon=epsilon, is_training=False)
-        return dx + correction, sum_dy_x_hat, sum_dy
+        gamma_over_std = gamma * inverse_std
+        if kernels:
+          dx = kernels.megdet_group_norm_grad(
+              dy, x, mean, gamma_over_std,
+              -gamma_over_std * inverse_std * mean_dy_x_hat,
+              -gamma_over_std * mean_dy)
+        else:
+          # The rest, -gamma / std * (mean(dy) + x_hat * mean(dy * x_hat)),
+          # is an affine map of x per channel: the fused inference kernel
+          # applies it in one pass over x.
+          correction, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+              x=x, scale=-gamma_over_std * mean_dy_x_hat,
+              offset=-gamma_over_std * mean_dy, mean=mean,
+              variance=variance, epsilon=epsilon, is_training=False)
+          dx += correction
+        return dx, sum_dy_x_hat, sum_dy
 
       return y, grad
 
@@ -299,12 +360,17 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
       raise ValueError(f"{self.name}: more than {_MAX_GROUPS} BN groups.")
     return int(replica_id), group_index
 
-  def _group_launcher(self, replica_ctx, group_size):
-    replica_id, group_index = self._group_member(replica_ctx, group_size)
+  def _replica_device(self, replica_ctx) -> str:
+    """The local device the calling replica runs on."""
+    replica_id, _ = self._group_member(replica_ctx, 1)
     local_devices = replica_ctx.strategy.extended.worker_devices
+    return local_devices[replica_id % len(local_devices)]
+
+  def _group_launcher(self, replica_ctx, group_size):
+    _, group_index = self._group_member(replica_ctx, group_size)
     return _launcher(
         _GROUP_KEY_BASE + group_size * _MAX_GROUPS + group_index, group_size,
-        local_devices[replica_id % len(local_devices)])
+        self._replica_device(replica_ctx))
 
   def _gather_group(self, packed, replica_ctx, group_size):
     """All group members' `packed` rows, [group_size, D], in replica order."""
@@ -319,6 +385,9 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
       return replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, rows)[
           group_index * group_size:(group_index + 1) * group_size]
     with tf.name_scope("cgbn_allgather"):
+      if self._shares_in_graph(replica_ctx, group_size):
+        return replica_ctx.merge_call(
+            _share_in_graph, args=(packed, group_size, _concatenate))
       return self._group_launcher(replica_ctx, group_size)._all_gather(  # pylint: disable=protected-access
           packed, None)
 
@@ -330,4 +399,13 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
     # A name ending in "/" re-enters `scope` from wherever backprop runs.
     with tf.name_scope(f"{scope}/cgbn_grad_allreduce/" if scope else
                        "cgbn_grad_allreduce"):
+      if self._shares_in_graph(replica_ctx, group_size):
+        return replica_ctx.merge_call(
+            _share_in_graph, args=(values, group_size, tf.add_n))
       return self._group_launcher(replica_ctx, group_size).all_reduce(values)
+
+  def _shares_in_graph(self, replica_ctx, group_size) -> bool:
+    """Whether the group is CPU replicas of this worker and `exchange` allows."""
+    local_devices = replica_ctx.strategy.extended.worker_devices
+    return (self.exchange == "auto" and len(local_devices) % group_size == 0
+            and all("CPU" in device.upper() for device in local_devices))

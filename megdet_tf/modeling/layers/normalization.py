@@ -48,6 +48,7 @@ class FrozenBatchNormalization(tf.keras.layers.BatchNormalization):
 @gin.configurable
 def build_norm(norm: str = "frozen",
                group_size: Optional[int] = None,
+               exchange: str = "auto",
                momentum: float = 0.9,
                epsilon: float = 1e-5,
                name: Optional[str] = None,
@@ -58,6 +59,10 @@ def build_norm(norm: str = "frozen",
     norm: one of `frozen`, `bn`, `cgbn`.
     group_size: replicas per BN group for `cgbn`; None = the replicas of the
       local worker (the paper's "one machine" rule).
+    exchange: how `cgbn` groups share their statistics: "auto" (groups of CPU
+      replicas of one worker inside the traced graph, other groups by
+      collectives; NCCL on GPUs) or "collective" (always collectives, e.g. to
+      profile on CPUs what GPUs run).
     momentum: moving-statistics momentum.
     epsilon: added to the variance.
     name: layer name (kept stable so checkpoints load across norm kinds).
@@ -70,7 +75,7 @@ def build_norm(norm: str = "frozen",
     return tf.keras.layers.BatchNormalization(**common)
   if norm == "cgbn":
     return cross_replica_batch_norm.CrossReplicaBatchNormalization(
-        group_size=group_size, **common)
+        group_size=group_size, exchange=exchange, **common)
   raise ValueError(f"build_norm.norm must be one of {NORMS}, got {norm!r}")
 
 

@@ -6,7 +6,8 @@ MultiWorkerMirroredStrategy worker:
 
   TF_CONFIG=... python _cgbn_check.py REPLICAS_PER_WORKER OUT.json GROUP...
 
-(GROUP is an int or "none"). The worker checks its local replicas against the
+(GROUP is an int or "none", optionally with ":collective" for the layer's
+`exchange`). The worker checks its local replicas against the
 reference and writes the largest errors and its BN collectives to OUT.json.
 """
 import json
@@ -161,6 +162,12 @@ def bn_collectives(concrete_function):
   return found
 
 
+def kernel_ops(concrete_function):
+  """Types of the traced ops from megdet_tf.ops.group_norm_kernels, sorted."""
+  return sorted(op.type for op in concrete_function.graph.get_operations()
+                if op.type.startswith("Megdet"))
+
+
 def _worker_main(replicas_per_worker, out_path, groups):
   strategy = multi_worker_devices.multi_worker_strategy_with_local_replicas(
       replicas_per_worker)
@@ -170,11 +177,13 @@ def _worker_main(replicas_per_worker, out_path, groups):
                  for i in range(replicas_per_worker)]
   inputs = make_inputs(num_replicas)
   report = {"num_replicas": num_replicas, "scenarios": {}}
-  for group in groups:
+  for scenario in groups:
+    group, _, exchange = scenario.partition(":")
     group_size = None if group == "none" else int(group)
-    result, step, _ = run_step(strategy, group_size, *inputs)
+    result, step, _ = run_step(strategy, group_size, *inputs,
+                               exchange=exchange or "auto")
     expected = reference(group_size or replicas_per_worker, *inputs)
-    report["scenarios"][group] = {
+    report["scenarios"][scenario] = {
         "errors": max_errors(result, expected, replica_ids),
         "collectives": bn_collectives(step),
     }

@@ -68,16 +68,26 @@ def _run_workers(tmp_path, num_workers, groups, timeout):
 
 
 def _check(reports, group, group_size):
-  """Exactness on every worker; BN collectives match the group layout."""
+  """Exactness on every worker; BN collectives match the group layout.
+
+  A group inside a worker shares its rows in the traced graph, with no BN
+  collective at all, unless `group` asks for ":collective".
+  """
   workers_of_key = collections.defaultdict(set)
+  in_graph = (group_size <= REPLICAS_PER_WORKER and
+              not group.endswith(":collective"))
   for task, report in enumerate(reports):
     scenario = report["scenarios"][group]
     errors = scenario["errors"]
     assert errors and max(errors.values()) <= TOLERANCE, (task, errors)
-    assert scenario["collectives"], task
+    assert bool(scenario["collectives"]) != in_graph, task
+    if in_graph:
+      continue
     for _, size, key, device in scenario["collectives"]:
       assert size == group_size and f"/task:{task}/" in device
       workers_of_key[key].add(task)
+  if in_graph:
+    return
   # A group spans group_size / REPLICAS_PER_WORKER workers, and only the
   # workers of one group share its collectives' group key.
   spans = max(group_size // REPLICAS_PER_WORKER, 1)
@@ -86,16 +96,21 @@ def _check(reports, group, group_size):
 
 
 def test_two_workers(tmp_path):
-  reports = _run_workers(tmp_path, 2, ["none", "4"], timeout=240)
+  reports = _run_workers(tmp_path, 2, ["none", "none:collective", "4"],
+                         timeout=240)
   assert {r["num_replicas"] for r in reports} == {4}
-  # None = the worker's own two replicas: no BN collective leaves a worker.
+  # None = the worker's own two replicas: no BN collective leaves a worker
+  # (as on GPUs, where groups always run collectives).
   _check(reports, "none", REPLICAS_PER_WORKER)
+  _check(reports, "none:collective", REPLICAS_PER_WORKER)
   _check(reports, "4", 4)  # One group over both workers.
 
 
 def test_four_workers(tmp_path):
-  reports = _run_workers(tmp_path, 4, ["none", "4", "8"], timeout=420)
+  reports = _run_workers(tmp_path, 4, ["none", "none:collective", "4", "8"],
+                         timeout=420)
   assert {r["num_replicas"] for r in reports} == {8}
   _check(reports, "none", REPLICAS_PER_WORKER)
+  _check(reports, "none:collective", REPLICAS_PER_WORKER)
   _check(reports, "4", 4)  # Two groups, each over two workers.
   _check(reports, "8", 8)  # Global sync BN.

@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from megdet_tf.modeling import layers
+from megdet_tf.ops import group_norm_kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _cgbn_check  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -33,6 +34,17 @@ def strategy():
       [f"/cpu:{i}" for i in range(NUM_REPLICAS)])
 
 
+@pytest.fixture(params=["compiled", "fused"])
+def kernel_path(request, monkeypatch):
+  """CGBN on its compiled CPU kernels, or on TensorFlow's fused ones only."""
+  if request.param == "fused":
+    monkeypatch.setattr(group_norm_kernels, "load", lambda: None)
+  elif group_norm_kernels.load() is None:
+    pytest.fail("megdet_tf.ops.group_norm_kernels did not build (see the "
+                "warning logged)")
+  return request.param
+
+
 def _assert_close(errors, tolerance=TOLERANCE):
   assert errors and max(errors.values()) <= tolerance, errors
 
@@ -40,18 +52,28 @@ def _assert_close(errors, tolerance=TOLERANCE):
 @pytest.mark.parametrize("group_size,spatial", [
     (1, (3, 2)), (2, (3, 2)), (4, (3, 2)), (8, (3, 2)), (None, (3, 2)),
     (1, ()), (4, ())])  # Images, and [N, C] features (reshaped inside).
+@pytest.mark.parametrize("exchange", ["auto", "collective"])
 def test_matches_bn_on_each_groups_concatenated_batch(strategy, group_size,
-                                                      spatial):
+                                                      spatial, exchange,
+                                                      kernel_path):
   inputs = _cgbn_check.make_inputs(NUM_REPLICAS, spatial=spatial)
-  result, step, _ = _cgbn_check.run_step(strategy, group_size, *inputs)
+  result, step, _ = _cgbn_check.run_step(strategy, group_size, *inputs,
+                                         exchange=exchange)
   # None = the local worker's replicas = all 8 under MirroredStrategy.
   expected = _cgbn_check.reference(group_size or NUM_REPLICAS, *inputs)
   _assert_close(_cgbn_check.max_errors(result, expected,
                                        range(NUM_REPLICAS)))
-  # Per replica one all-gather forward and one all-reduce backward, both over
-  # the group only; none at all for per-replica BN.
+  # Statistics, gradient sums and dx by the compiled kernels, on each replica.
+  assert _cgbn_check.kernel_ops(step) == (
+      [] if group_size == 1 or kernel_path == "fused" else
+      ["MegdetChannelGradSums"] * NUM_REPLICAS +
+      ["MegdetChannelMoments"] * NUM_REPLICAS +
+      ["MegdetGroupNormGrad"] * NUM_REPLICAS)
+  # CPU replicas of one process share rows inside the graph by default; with
+  # collectives, per replica one all-gather forward and one all-reduce
+  # backward, both over the group only. Per-replica BN shares nothing.
   collectives = _cgbn_check.bn_collectives(step)
-  if group_size == 1:
+  if group_size == 1 or exchange == "auto":
     assert not collectives
   else:
     assert sorted(op_type for op_type, *_ in collectives) == (
@@ -81,6 +103,11 @@ def test_group_size_must_divide_replicas_at_build(strategy, group_size):
 def test_group_size_must_be_positive_int(group_size):
   with pytest.raises(ValueError, match="group_size"):
     layers.CrossReplicaBatchNormalization(group_size=group_size)
+
+
+def test_exchange_must_be_known():
+  with pytest.raises(ValueError, match="exchange must be one of"):
+    layers.CrossReplicaBatchNormalization(exchange="nccl")
 
 
 @pytest.mark.parametrize("option", [dict(renorm=True),
@@ -142,6 +169,7 @@ def test_single_replica_is_plain_bn(use_strategy):
   assert np.abs(layer.moving_mean.numpy()).max() > 0.1  # Stats were updated.
 
 
+@pytest.mark.usefixtures("kernel_path")
 def test_large_mean_matches_float64_reference(strategy):
   # Mean 1e4, unit variance: E[x^2] - E[x]^2 in float32 would be off by ~1.
   # Each replica's float32 mean is rounded at ~1e-3 here, which reaches the
@@ -167,6 +195,7 @@ def test_large_mean_matches_float64_reference(strategy):
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.usefixtures("kernel_path")
 def test_16_bit_inputs_keep_float32_statistics(strategy, policy):
   batches, upstream, gamma, beta = _cgbn_check.make_inputs(NUM_REPLICAS,
                                                            seed=4)

@@ -32,8 +32,9 @@ def test_gin_file_selects_the_norm(norm, cls):
   np.testing.assert_array_equal(layer.gamma, np.zeros(3))
 
 
-def test_build_norm_passes_group_size_and_rejects_unknown_norms():
-  assert layers.build_norm("cgbn", group_size=4).group_size == 4
+def test_build_norm_passes_group_options_and_rejects_unknown_norms():
+  norm = layers.build_norm("cgbn", group_size=4, exchange="collective")
+  assert (norm.group_size, norm.exchange) == (4, "collective")
   with pytest.raises(ValueError, match="build_norm.norm"):
     layers.build_norm("group_norm")
 
