@@ -55,6 +55,12 @@ def _launcher(group_key: int, group_size: int,
     return _launchers[key]
 
 
+def _on_cpus(replica_ctx) -> bool:
+  """Whether this worker's replicas all run on CPUs."""
+  return all("CPU" in device.upper()
+             for device in replica_ctx.strategy.extended.worker_devices)
+
+
 def _concatenate(values):
   return tf.concat(values, 0)
 
@@ -281,8 +287,7 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
     if group_size == 1:
       return _fused_training_norm(x, *self._scale_and_offset(channels),
                                   self.epsilon)
-    kernels = (group_norm_kernels.load() if "CPU" in self._replica_device(
-        replica_ctx).upper() else None)
+    kernels = group_norm_kernels.load() if _on_cpus(replica_ctx) else None
     if kernels:
       local_count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
       local_mean, local_m2 = kernels.megdet_channel_moments(x)
@@ -360,17 +365,12 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
       raise ValueError(f"{self.name}: more than {_MAX_GROUPS} BN groups.")
     return int(replica_id), group_index
 
-  def _replica_device(self, replica_ctx) -> str:
-    """The local device the calling replica runs on."""
-    replica_id, _ = self._group_member(replica_ctx, 1)
-    local_devices = replica_ctx.strategy.extended.worker_devices
-    return local_devices[replica_id % len(local_devices)]
-
   def _group_launcher(self, replica_ctx, group_size):
-    _, group_index = self._group_member(replica_ctx, group_size)
+    replica_id, group_index = self._group_member(replica_ctx, group_size)
+    local_devices = replica_ctx.strategy.extended.worker_devices
     return _launcher(
         _GROUP_KEY_BASE + group_size * _MAX_GROUPS + group_index, group_size,
-        self._replica_device(replica_ctx))
+        local_devices[replica_id % len(local_devices)])
 
   def _gather_group(self, packed, replica_ctx, group_size):
     """All group members' `packed` rows, [group_size, D], in replica order."""
@@ -406,6 +406,5 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
 
   def _shares_in_graph(self, replica_ctx, group_size) -> bool:
     """Whether the group is CPU replicas of this worker and `exchange` allows."""
-    local_devices = replica_ctx.strategy.extended.worker_devices
-    return (self.exchange == "auto" and len(local_devices) % group_size == 0
-            and all("CPU" in device.upper() for device in local_devices))
+    return (self.exchange == "auto" and _on_cpus(replica_ctx) and
+            len(replica_ctx.strategy.extended.worker_devices) % group_size == 0)
