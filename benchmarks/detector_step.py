@@ -3,11 +3,13 @@ r"""Training step of our Faster R-CNN against Model Garden's own, same work.
   python benchmarks/detector_step.py [--runs r50_256:float32,demo_256:...]
       [--rounds 3] [--steps 3]
 
-Both detectors are built for the same work: same backbone, FPN, RPN head,
+Both detectors are built for the same work: same backbone (ResNet with the
+bottleneck stride in the 3x3 conv, Model Garden's layout), FPN, RPN head,
 2fc box head, anchors, proposals, RoI sampling, resolution and batch, per-
 replica BN in training mode, nothing frozen, one CPU replica, each with its
 own input pipeline on the same generated shapes TFRecords, optimizer step
-included:
+included (benchmarks/detector_step_floor.py counts both steps' multiply-adds:
+equal to 0.3%):
 
   megdet_tf      `DetectorTrainer` from gin/model/{r50_fpn,demo}.gin;
   model_garden   `official.vision.tasks.maskrcnn.MaskRCNNTask` from its
@@ -21,7 +23,8 @@ roi_generator_test.py). Model Garden's own batched option is not the same
 work (it refills what NMS removed with lower-ranked anchors) and fails under
 mixed_bfloat16 (bfloat16 scores reach the float32-only kernel). Both SGDs do
 the same update in one fused kernel per variable: ours `MomentumSGD`, Model
-Garden's the legacy Keras SGD its optimizer factory builds by default.
+Garden's the legacy Keras SGD its optimizer factory builds by default. Our
+1x1 convs are matmuls (megdet_tf/modeling/layers/conv2d.py).
 
 Not quite the same: Model Garden's FPN, RPN head and 2fc head always add a BN
 (one per FPN level, one per RPN level, one after each fc); ours do with
@@ -48,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -77,6 +81,9 @@ flags.DEFINE_list(
 flags.DEFINE_integer("batch", 2, "Images per step.")
 flags.DEFINE_integer("steps", 3, "Steps per timed round.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per detector.")
+flags.DEFINE_multi_string(
+    "gin_param", [], "Extra Gin bindings for our detector (e.g. to compare "
+    "two of its options against the same Model Garden run).")
 flags.DEFINE_string("setting", "", "Internal: the setting to time.")
 flags.DEFINE_string("precision", "", "Internal: its precision.")
 flags.DEFINE_string("data_dir", "", "Internal: the shapes dataset.")
@@ -85,6 +92,12 @@ FLAGS = flags.FLAGS
 
 def _tfrecords(split):
   return os.path.join(FLAGS.data_dir, "tfrecord", f"{split}-*")
+
+
+class TracedSteps(NamedTuple):
+  """A detector's training loop, traced and warmed up."""
+  run: Callable[[], Any]  # Runs `--steps` steps.
+  graph: Any  # The loop's `tf.Graph` (benchmarks/detector_step_floor.py).
 
 
 def _timed_round(run_steps):
@@ -100,7 +113,7 @@ def _timed_round(run_steps):
 
 
 def build_ours(model_file, size, model_dir, gin_params=()):
-  """`run_steps()` for our trainer, traced and warmed up."""
+  """`TracedSteps` of our trainer."""
   from megdet_tf.training import experiment  # pylint: disable=g-import-not-at-top
   precision = FLAGS.precision if FLAGS.precision != "float32" else None
   experiment.parse_gin(["gin/data/shapes.gin", model_file, "gin/norm/bn.gin",
@@ -111,25 +124,30 @@ def build_ours(model_file, size, model_dir, gin_params=()):
       f"eval/InputReader.global_batch_size={FLAGS.batch}",
       f"GLOBAL_BATCH_SIZE={FLAGS.batch}",
       f"DetectionParser.short_side={size}", f"DetectionParser.long_side={size}",
-      "ResNet.freeze_at=0", "load_keras_applications_resnet.path=None",
+      # Model Garden's bottlenecks stride in the 3x3 conv (ResNet v1.5).
+      "ResNet.freeze_at=0", "ResNet.stride_in_1x1=False",
+      "load_keras_applications_resnet.path=None",
       "build_strategy.kind='one_device'",
       f"DetectorTrainer.mixed_precision={precision!r}",
       f"DetectorTrainer.steps_per_loop={FLAGS.steps}",
       f"DetectorTrainer.checkpoint_every_steps={10 ** 6}",
-      f"DetectorTrainer.log_every_seconds={10 ** 6}", *gin_params])
+      f"DetectorTrainer.log_every_seconds={10 ** 6}", *gin_params,
+      *FLAGS.gin_param])
   trainer = experiment.build_trainer(model_dir)
   trainer.train(max_steps=FLAGS.steps)  # Builds and traces the loop.
   # Then the traced loop alone: no checkpoint at the end of each round.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   iterator = iter(trainer.train_reader.distribute(trainer.strategy))
   steps = tf.constant(FLAGS.steps)
-  run_steps = lambda: int(trainer._train_loop(iterator, steps)[1])  # pylint: disable=protected-access
+  loop = trainer._train_loop  # pylint: disable=protected-access
+  run_steps = lambda: int(loop(iterator, steps)[1])
   run_steps()
-  return run_steps
+  return TracedSteps(run_steps, loop.get_concrete_function(iterator,
+                                                           steps).graph)
 
 
 def build_model_garden(size, overrides):
-  """`run_steps()` for Model Garden's task, traced and warmed up."""
+  """`TracedSteps` of Model Garden's task."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official.vision.configs import maskrcnn as maskrcnn_config  # pylint: disable=g-import-not-at-top
   from official.vision.tasks import maskrcnn  # pylint: disable=g-import-not-at-top
@@ -166,7 +184,7 @@ def build_model_garden(size, overrides):
 
   run_steps = lambda: loop().numpy()
   run_steps()
-  return run_steps
+  return TracedSteps(run_steps, loop.get_concrete_function().graph)
 
 
 def measure():
@@ -174,8 +192,8 @@ def measure():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   model_file, size, overrides = SETTINGS[FLAGS.setting]
   with tempfile.TemporaryDirectory() as model_dir:
-    ours = build_ours(model_file, size, model_dir)  # Sets the precision.
-    theirs = build_model_garden(size, overrides)
+    ours = build_ours(model_file, size, model_dir).run  # Sets the precision.
+    theirs = build_model_garden(size, overrides).run
     assert tf.keras.mixed_precision.global_policy().name == FLAGS.precision
     rounds = [(_timed_round(ours), _timed_round(theirs))
               for _ in range(FLAGS.rounds)]
@@ -216,7 +234,8 @@ def main(argv):
           [sys.executable, __file__, f"--setting={setting}",
            f"--precision={precision}", f"--data_dir={data_dir}",
            f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}",
-           f"--rounds={FLAGS.rounds}"],
+           f"--rounds={FLAGS.rounds}",
+           *(f"--gin_param={p}" for p in FLAGS.gin_param)],
           capture_output=True, text=True, check=False)
       if process.returncode:
         sys.exit(f"{setting}:{precision} failed:\n{process.stderr[-3000:]}")

@@ -44,7 +44,7 @@ def main(argv):
         variants[recompute] = detector_step.build_ours(
             "gin/model/r50_fpn.gin", FLAGS.image_size,
             os.path.join(tmp, f"recompute_{recompute}"),
-            [f"ResNet.recompute={recompute}"])
+            [f"ResNet.recompute={recompute}"]).run
     rounds = {recompute: [] for recompute in variants}
     for _ in range(FLAGS.rounds):
       for recompute, run_steps in variants.items():

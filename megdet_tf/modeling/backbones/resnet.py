@@ -31,6 +31,7 @@ from typing import Dict
 import gin
 import tensorflow as tf
 
+from megdet_tf.modeling.layers import conv2d
 from megdet_tf.modeling.layers import normalization
 
 # depth -> (block kind, blocks per stage 2..5).
@@ -50,15 +51,15 @@ def _kernel_initializer():
 
 
 def _conv(filters: int, kernel_size: int, strides: int,
-          name: str) -> tf.keras.layers.Conv2D:
+          name: str) -> conv2d.Conv2D:
   """Bias-free conv; strided ones get symmetric padding in `_apply_conv`."""
-  return tf.keras.layers.Conv2D(
+  return conv2d.Conv2D(
       filters, kernel_size, strides=strides,
       padding="same" if strides == 1 else "valid", use_bias=False,
       kernel_initializer=_kernel_initializer(), name=name)
 
 
-def _apply_conv(conv: tf.keras.layers.Conv2D, x: tf.Tensor) -> tf.Tensor:
+def _apply_conv(conv: conv2d.Conv2D, x: tf.Tensor) -> tf.Tensor:
   if conv.strides[0] > 1 and conv.kernel_size[0] > 1:
     pad = (conv.kernel_size[0] - 1) // 2
     x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])

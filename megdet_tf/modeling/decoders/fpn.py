@@ -11,6 +11,7 @@ from typing import Dict, Mapping
 import gin
 import tensorflow as tf
 
+from megdet_tf.modeling.layers import conv2d
 from megdet_tf.modeling.layers import normalization
 
 
@@ -51,7 +52,7 @@ class FPN(tf.keras.Model):
     self._config = dict(min_level=min_level, max_level=max_level,
                         backbone_max_level=backbone_max_level,
                         num_filters=num_filters, use_norm=use_norm)
-    conv = lambda kernel, name: tf.keras.layers.Conv2D(
+    conv = lambda kernel, name: conv2d.Conv2D(
         num_filters, kernel, padding="same", use_bias=not use_norm,
         kernel_initializer=xavier_fill(), name=name)
     norm = lambda name: (normalization.build_norm(name=name) if use_norm

@@ -12,6 +12,7 @@ from typing import Tuple
 import gin
 import tensorflow as tf
 
+from megdet_tf.modeling.layers import conv2d
 from megdet_tf.modeling.layers import normalization
 
 
@@ -48,7 +49,7 @@ class BoxHead(tf.keras.layers.Layer):
     self._config = dict(num_classes=num_classes, num_convs=num_convs,
                         num_filters=num_filters, num_fcs=num_fcs,
                         fc_dims=fc_dims, fc_norm=fc_norm)
-    self.convs = [tf.keras.layers.Conv2D(
+    self.convs = [conv2d.Conv2D(
         num_filters, 3, padding="same", use_bias=False,
         kernel_initializer=tf.keras.initializers.HeNormal(),
         name=f"conv_{i}") for i in range(num_convs)]

@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Tuple
 import gin
 import tensorflow as tf
 
+from megdet_tf.modeling.layers import conv2d
 from megdet_tf.modeling.layers import normalization
 
 
@@ -45,7 +46,7 @@ class RPNHead(tf.keras.layers.Layer):
     self._config = dict(min_level=min_level, max_level=max_level,
                         num_anchors_per_location=num_anchors_per_location,
                         num_filters=num_filters, use_norm=use_norm)
-    self.conv = tf.keras.layers.Conv2D(
+    self.conv = conv2d.Conv2D(
         num_filters, 3, padding="same", use_bias=not use_norm,
         kernel_initializer=_normal(0.01), name="rpn_conv")
     self.norms = [normalization.build_norm(name=f"rpn_norm_{l}")
@@ -53,10 +54,10 @@ class RPNHead(tf.keras.layers.Layer):
     # Predictions in float32 under mixed precision: Model Garden decodes the
     # proposals in the dtype of these outputs, and bfloat16 (8 significant
     # bits) would put a 1000 px coordinate on an 8 px grid.
-    self.classifier = tf.keras.layers.Conv2D(
+    self.classifier = conv2d.Conv2D(
         num_anchors_per_location, 1, kernel_initializer=_normal(0.01),
         dtype="float32", name="rpn_scores")
-    self.box_regressor = tf.keras.layers.Conv2D(
+    self.box_regressor = conv2d.Conv2D(
         4 * num_anchors_per_location, 1, kernel_initializer=_normal(0.01),
         dtype="float32", name="rpn_boxes")
 

@@ -1,4 +1,5 @@
 """Layers of the detector: normalization chosen in one place; RoI layers."""
+from megdet_tf.modeling.layers.conv2d import Conv2D
 from megdet_tf.modeling.layers.cross_replica_batch_norm import (
     CrossReplicaBatchNormalization)
 from megdet_tf.modeling.layers.normalization import bn_size
