@@ -1,10 +1,11 @@
 """`tf.keras.layers.Conv2D` that runs pointwise convolutions as one matmul.
 
 A 1x1 convolution with stride 1 is the matrix product [B*H*W, C_in] x
-[C_in, C_out]. On CPUs oneDNN runs that product, forward and backward, 1.2 to
-1.9 times faster than its convolution kernels at ResNet-50's 1x1 shapes
-(bfloat16 and float32; benchmarks/pointwise_conv.py), and half of ResNet-50's
-multiply-adds are in such convs; on GPUs cuBLAS and cuDNN run it alike. The
+[C_in, C_out]. On CPUs oneDNN runs that product, forward and backward, up to
+1.9 times faster than its convolution kernels at ResNet-50's 1x1 shapes (1.1
+to 1.9 in bfloat16, 1.2 in float32; benchmarks/pointwise_conv.py), and about
+half of ResNet-50's multiply-adds are in such convs; on GPUs cuBLAS and cuDNN
+run it alike. The
 kernel variable keeps Keras' [1, 1, C_in, C_out] shape and name, so
 checkpoints and pretrained weights load unchanged; results equal Keras' up to
 the order of summation. Every other conv (3x3, strided, dilated, grouped,
