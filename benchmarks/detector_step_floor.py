@@ -164,9 +164,10 @@ def main(argv):
         "model_garden": detector_step.build_model_garden(size, overrides)}
     records, runs = {}, {}
     for name, detector in detectors.items():
-      ops = {group: step_ops(detector.graph, types)
+      floor_ops = step_ops(detector.graph, sum(FLOOR_OPS.values(), ()))
+      ops = {group: [op for op in floor_ops if op.type in types]
              for group, types in FLOOR_OPS.items()}
-      ops["floor"] = step_ops(detector.graph, sum(FLOOR_OPS.values(), ()))
+      ops["floor"] = floor_ops
       records[name] = {
           "benchmark": "detector_step_floor", "detector": name,
           "setting": FLAGS.setting, "precision": FLAGS.precision,
