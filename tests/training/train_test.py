@@ -216,7 +216,7 @@ def test_two_localhost_workers_train_identical_weights(tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_and_its_evaluation_scores_every_image(trained_demo):
-  """The session's demo: 4 images overfit in 200 steps, then evaluated.
+  """The session's demo: 4 images overfit in 300 steps, then evaluated.
 
   Learning: COCO AP above 0.9 on them, scored by the project's COCO metrics
   from the detections the trainer's evaluation wrote.
