@@ -57,6 +57,9 @@ from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `step_peak_mib` reads the CPU's memory statistics, which only the BFC
+# allocator keeps: TensorFlow's default only while oneDNN is on.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 # name -> (our model file, image size, Model Garden overrides of the model).
 SETTINGS = {
