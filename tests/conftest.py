@@ -15,7 +15,7 @@ import megdet_tf  # noqa: F401  pylint: disable=unused-import
 import pytest
 
 # Tests read the CPU's memory statistics, which only the BFC allocator keeps:
-# TensorFlow's default only while oneDNN is on (not with TF_ENABLE_ONEDNN_OPTS=0).
+# TensorFlow's default only while oneDNN is on (TF_ENABLE_ONEDNN_OPTS).
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 from megdet_tf.dataloaders import coco_tfrecord

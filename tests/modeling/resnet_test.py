@@ -189,7 +189,7 @@ def test_overlapping_recomputations_restore_the_momenta():
 def test_recompute_keeps_only_stage_inputs():
   """Recomputation lowers the step's peak memory.
 
-  By 45-50% here with oneDNN's kernels, 36-43% with Eigen's
+  By 45-49% here with oneDNN's kernels, 36-43% with Eigen's
   (TF_ENABLE_ONEDNN_OPTS=0), whose convolution scratch buffers take more of
   the peak: at 128 px only 10-22% with Eigen's, so the images are 256 px.
   """
