@@ -12,6 +12,7 @@ Around the loop: checkpoints every `checkpoint_every_steps` and at the end
 guard that stops before a diverged state is saved, TensorBoard scalars and a
 console progress line, and periodic COCO evaluation.
 """
+import json
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ from megdet_tf.dataloaders.input_reader import InputReader
 from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
 from megdet_tf.evaluation.image_summaries import EvalImageSummaries
 from megdet_tf.modeling import faster_rcnn
+from megdet_tf.modeling.init_checkpoint import initialize_from_checkpoint
 from megdet_tf.modeling.losses import FasterRCNNLoss
 from megdet_tf.modeling.pretrained import load_keras_applications_resnet
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
@@ -34,6 +36,7 @@ from megdet_tf.training import profiling
 
 
 LOSS_KEYS = FasterRCNNLoss.KEYS + ("gradient_norm",)
+DIVERGED_FILE = "diverged.json"  # In model_dir, after a divergence stop.
 DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes",
                   "num_detections")
 
@@ -217,16 +220,26 @@ class DetectorTrainer:
   def _is_healthy(self, total_loss) -> tf.Tensor:
     return tf.math.is_finite(total_loss) & (total_loss <= self._max_loss)
 
-  def _check_divergence(self, losses: Dict[str, np.ndarray]):
+  def _check_divergence(self, losses: Dict[str, float]):
+    """Raises `TrainingDivergedError`; the chief also writes `DIVERGED_FILE`.
+
+    The file (step, learning rate, loss terms) is what a script or a job
+    scheduler reads instead of the log; a later run in model_dir removes it.
+    """
     if bool(self._is_healthy(losses["total_loss"])):
       return
     bad = [k for k, v in losses.items() if not np.isfinite(v)] or [
         max((k for k in losses if k.endswith("loss") and k != "total_loss"),
             key=lambda k: losses[k])]
+    learning_rate = float(self.schedule(self.step - 1))
+    if self.is_chief:
+      with open(os.path.join(self.model_dir, DIVERGED_FILE), "w") as f:
+        json.dump(dict(step=self.step, learning_rate=learning_rate,
+                       bad_terms=bad, losses=losses), f, indent=1)
     raise TrainingDivergedError(
         f"Training diverged at step {self.step}: total_loss="
         f"{losses['total_loss']:.4g} (max_loss={self._max_loss:g}), "
-        f"learning rate {float(self.schedule(self.step - 1)):.4g}; "
+        f"learning rate {learning_rate:.4g}; "
         f"first bad term: {', '.join(bad)} (all terms: " +
         ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items())) +
         "). No checkpoint was written from this state; the latest checkpoint "
@@ -237,8 +250,16 @@ class DetectorTrainer:
 
   def train(self, max_steps: Optional[int] = None,
             evaluate: bool = False) -> Dict[str, float]:
-    """Trains to `total_steps` (or `max_steps`), resuming from model_dir."""
-    self.restore()
+    """Trains to `total_steps` (or `max_steps`), resuming from model_dir.
+
+    A fresh run (no checkpoint in model_dir) starts from
+    `initialize_from_checkpoint`'s checkpoint when Gin names one.
+    """
+    if not self.restore():
+      initialize_from_checkpoint(self.model)
+    diverged = os.path.join(self.model_dir, DIVERGED_FILE)
+    if self.is_chief and os.path.exists(diverged):
+      os.remove(diverged)
     end = min(self.total_steps, max_steps or self.total_steps)
     if self._train_loop is None:
       self._train_loop = self._build_train_loop()

@@ -149,6 +149,10 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
   assert diverged.returncode == 3, diverged.stderr[-3000:]
   assert "Training diverged at step" in diverged.stderr
   assert "No checkpoint was written" in diverged.stderr
+  with open(interrupted / "diverged.json") as f:
+    record = json.load(f)
+  assert 8 < record["step"] <= 12 and record["learning_rate"] > 1e8
+  assert record["losses"].keys() >= {"total_loss", "rpn_score_loss"}
   after_path, after = checkpoint_weights(str(interrupted))
   assert after_path == path
   for name, value in weights.items():

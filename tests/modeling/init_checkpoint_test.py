@@ -1,0 +1,115 @@
+"""Initialising a detector from a trainer checkpoint: all, backbone, errors."""
+import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from megdet_tf.modeling import faster_rcnn
+from megdet_tf.modeling.init_checkpoint import initialize_from_checkpoint
+
+TINY = """
+ResNet.depth = 18
+ResNet.width_multiplier = 0.125
+ResNet.freeze_at = 0
+FPN.num_filters = 16
+RPNHead.num_filters = 16
+BoxHead.fc_dims = 32
+"""
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  yield
+  gin.clear_config()
+
+
+def _build(norm="bn", extra=""):
+  """A tiny detector; every build names its variables alike."""
+  tf.keras.backend.clear_session()
+  gin.clear_config()
+  gin.parse_config(TINY + f"build_norm.norm = '{norm}'\n" + extra)
+  return faster_rcnn.build_faster_rcnn(num_classes=4)
+
+
+def _randomize(model, seed):
+  """Distinct values in every variable, moving statistics included."""
+  rng = np.random.default_rng(seed)
+  for v in model.variables:
+    v.assign(rng.uniform(0.5, 1.5, v.shape).astype(v.dtype.as_numpy_dtype))
+
+
+def _trainer_checkpoint(tmp_path, model):
+  """Saved as `DetectorTrainer` saves: model and optimizer at the root."""
+  optimizer = tf.keras.optimizers.SGD(0.1, momentum=0.9)
+  optimizer.build(model.trainable_variables)
+  manager = tf.train.CheckpointManager(
+      tf.train.Checkpoint(model=model, optimizer=optimizer), str(tmp_path),
+      max_to_keep=1)
+  return manager.save(checkpoint_number=7)
+
+
+def _values(layer):
+  return {v.name: v.numpy() for v in layer.variables}
+
+
+def _assert_equal(got, want):
+  assert sorted(got) == sorted(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_backbone_only_takes_backbone_and_its_statistics_into_frozen_norms(
+    tmp_path):
+  source = _build("bn")
+  _randomize(source, 0)
+  path = _trainer_checkpoint(tmp_path, source)
+
+  target = _build("frozen")
+  _randomize(target, 1)
+  decoder_before = _values(target.decoder)
+  assert initialize_from_checkpoint(
+      target, init_checkpoint=str(tmp_path),
+      init_checkpoint_modules="backbone") == path
+  _assert_equal(_values(target.backbone), _values(source.backbone))
+  _assert_equal(_values(target.decoder), decoder_before)
+
+
+def test_all_takes_every_model_variable(tmp_path):
+  source = _build("bn")
+  _randomize(source, 0)
+  path = _trainer_checkpoint(tmp_path, source)
+  target = _build("cgbn")
+  _randomize(target, 1)
+  initialize_from_checkpoint(target, init_checkpoint=path)
+  _assert_equal(_values(target), _values(source))
+
+
+def test_none_leaves_the_model_alone():
+  model = _build()
+  before = _values(model)
+  assert initialize_from_checkpoint(model, init_checkpoint=None) is None
+  _assert_equal(_values(model), before)
+
+
+def test_a_checkpoint_of_another_width_is_refused_naming_file_and_variable(
+    tmp_path):
+  path = _trainer_checkpoint(tmp_path, _build("bn"))
+  target = _build("bn", "ResNet.width_multiplier = 0.25\n")
+  with pytest.raises(ValueError, match=r"ckpt-7 does not fit") as error:
+    initialize_from_checkpoint(target, init_checkpoint=path,
+                               init_checkpoint_modules=["backbone"])
+  assert "shape" in str(error.value)
+
+
+def test_missing_checkpoint_and_unknown_module_are_clear_errors(tmp_path):
+  model = _build()
+  with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
+    initialize_from_checkpoint(model, init_checkpoint=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"nothing-7.index is missing"):
+    initialize_from_checkpoint(model,
+                               init_checkpoint=str(tmp_path / "nothing-7"))
+  path = _trainer_checkpoint(tmp_path, model)
+  with pytest.raises(ValueError, match="'heads'"):
+    initialize_from_checkpoint(model, init_checkpoint=path,
+                               init_checkpoint_modules="heads")
