@@ -9,7 +9,7 @@ import collections
 import glob
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import matplotlib
 matplotlib.use("Agg")
@@ -164,7 +164,8 @@ def _plot_table2(records: Dict[str, dict], ax):
               color=line.get_color(), ms=8)
   ax.set(yscale="log", xlabel="epoch", ylabel="training loss",
          title="BN frozen: training loss (x = divergence stop)")
-  ax.legend(fontsize=6, ncol=2)
+  if ax.lines:
+    ax.legend(fontsize=6, ncol=2)
 
 
 def _plot_table3(records: Dict[str, dict], axes):
@@ -194,23 +195,25 @@ def _plot_table3(records: Dict[str, dict], axes):
               title="Linear scaling + warmup", xticks=[16, 32, 64, 128, 256,
                                                        512])
   axes[1].set_xticklabels(["16", "32", "64", "128", "256", "512"])
-  axes[1].legend(fontsize=8)
+  if large or frozen:
+    axes[1].legend(fontsize=8)
 
 
 def _plot_fig4(records: Dict[str, dict], ax):
-  for record in _rows(records, grid.study_runs("fig4")):
+  rows = _rows(records, grid.study_runs("fig4"))
+  for record in rows:
     history = record["eval_history"]
     ax.plot([e["epoch"] for e in history], [e["AP"] for e in history], "o-",
             ms=3, label=f"batch {record['spec']['batch']}, BN "
             f"{record['spec']['bn_size']}")
-    per_epoch = record["schedule"]["steps_per_epoch"]
-    decays = [b / per_epoch for b in record["schedule"]["boundaries"]]
-  if records and _rows(records, grid.study_runs("fig4")):
-    for epoch in decays:
-      ax.axvline(epoch, color="gray", ls=":", lw=1)
+  if rows:
+    schedule = rows[0]["schedule"]
+    for boundary in schedule["boundaries"]:
+      ax.axvline(boundary / schedule["steps_per_epoch"], color="gray",
+                 ls=":", lw=1)
+    ax.legend(fontsize=8)
   ax.set(xlabel="epoch", ylabel="val AP",
          title="Long policy (dotted: LR decays)")
-  ax.legend(fontsize=8)
 
 
 def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
@@ -243,9 +246,8 @@ def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
 def _figure(study: str, records: Dict[str, dict], output_dir: str) -> str:
   columns = 2 if study == "table3" else 1
   fig, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4))
-  plot: Optional[object] = {"table2": _plot_table2, "table3": _plot_table3,
-                            "fig4": _plot_fig4}[study]
-  plot(records, axes)
+  {"table2": _plot_table2, "table3": _plot_table3,
+   "fig4": _plot_fig4}[study](records, axes)
   fig.tight_layout()
   path = os.path.join(output_dir, f"{study}.png")
   fig.savefig(path, dpi=100, metadata={"Software": None})

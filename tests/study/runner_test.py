@@ -1,0 +1,81 @@
+"""Planning a study run: its Gin file and the schedule the trainer derives.
+
+Training itself is tested end to end in tests/tools/study_test.py.
+"""
+import gin
+import pytest
+
+from megdet_tf.modeling.layers import normalization
+from megdet_tf.study import grid
+from megdet_tf.study import runner as runner_lib
+from megdet_tf.training import experiment
+
+NUM_TRAIN_IMAGES = 4608  # gin/study/data.gin's epoch.
+
+
+@pytest.fixture
+def runner(tmp_path):
+  return runner_lib.StudyRunner(str(tmp_path / "out"), str(tmp_path / "work"),
+                                log=lambda line: None)
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  yield
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("run", [
+    grid.Run(16, 0), grid.Run(16, 4), grid.Run(64, 0, peak_scale=0.5),
+    grid.Run(256, 32), grid.Run(512, 32, replicas=16),
+    grid.Run(256, 32, policy="long", eval_every_epoch=True)])
+def test_schedule_is_the_paper_recipe_scaled_by_the_batch(runner, run):
+  schedule = runner.plan(run).schedule
+  per_epoch = NUM_TRAIN_IMAGES // run.batch
+  epochs, decays = ((11, (8, 10)) if run.policy == "normal" else
+                    (18, (11, 14, 17)))
+  assert schedule["steps_per_epoch"] == per_epoch
+  assert schedule["total_steps"] * run.batch == epochs * NUM_TRAIN_IMAGES
+  assert schedule["boundaries"] == [e * per_epoch for e in decays]
+  assert schedule["peak_learning_rate"] == pytest.approx(
+      0.02 * run.batch / 16 * run.peak_scale)
+  assert schedule["warmup_start_learning_rate"] == pytest.approx(0.02)
+  assert schedule["warmup_steps"] == round(per_epoch / 2)
+
+
+@pytest.mark.parametrize("run", [
+    grid.Run(16, 0), grid.Run(16, 2), grid.Run(16, 16), grid.Run(128, 32),
+    grid.Run(512, 32, replicas=16),
+    grid.Run(16, 16, policy="long", eval_every_epoch=True)])
+def test_gin_file_realises_the_bn_size_and_periods(runner, run):
+  plan = runner.plan(run)
+  realised = run.realise()
+  experiment.parse_gin([], [plan.gin_text])
+  replicas = gin.query_parameter("build_strategy.num_cpu_replicas")
+  assert replicas == realised["replicas"]
+  assert normalization.bn_size(run.batch // replicas, replicas) == run.bn_size
+  assert gin.query_parameter("initialize_from_checkpoint.init_checkpoint") == (
+      runner.model_dir(runner_lib.PRETRAIN))
+  per_epoch = plan.schedule["steps_per_epoch"]
+  assert gin.query_parameter(
+      "DetectorTrainer.checkpoint_every_steps") == per_epoch
+  evaluates = "DetectorTrainer.eval_every_steps" in plan.gin_text
+  assert evaluates == run.eval_every_epoch
+
+
+def test_extra_bindings_apply_to_every_run_and_the_pretraining(tmp_path):
+  runner = runner_lib.StudyRunner(str(tmp_path), str(tmp_path),
+                                  gin_params=["NUM_TRAIN_IMAGES = 64"])
+  assert runner.plan(None).schedule["steps_per_epoch"] == 1
+  assert runner.plan(grid.Run(32, 32)).schedule["total_steps"] == 22
+
+
+def test_pretraining_trains_every_norm_on_other_data(runner):
+  plan = runner.plan(None)
+  experiment.parse_gin([], [plan.gin_text])
+  assert gin.query_parameter("build_norm.norm") == "cgbn"
+  assert gin.query_parameter("prepare_shapes_dataset.seed") == 1
+  gin.clear_config()
+  experiment.parse_gin([], [runner.plan(grid.Run(16, 0)).gin_text])
+  assert gin.query_parameter("build_norm.norm") == "frozen"
+  assert gin.query_parameter("prepare_shapes_dataset.seed") == 0
