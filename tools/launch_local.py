@@ -12,6 +12,7 @@ and its exit code is returned.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 flags.DEFINE_integer("num_workers", 2, "Worker processes to start.")
 flags.DEFINE_float("timeout_seconds", None,
@@ -45,21 +47,42 @@ def tf_config(ports, index):
       "task": {"type": "worker", "index": index}})
 
 
+def _describe(returncode):
+  if returncode < 0:
+    return f"was killed by {signal.Signals(-returncode).name}"
+  return f"exited with code {returncode}"
+
+
 def launch(num_workers, train_args, timeout_seconds=None):
-  """Runs the workers to completion; returns the first non-zero exit code."""
+  """Runs the workers to completion; returns the first non-zero exit code.
+
+  When a worker fails (or the timeout passes), says which and stops the
+  others: a peer of a dead worker would otherwise wait in a collective.
+  """
   ports = free_ports(num_workers)
   workers = [subprocess.Popen(  # pylint: disable=consider-using-with
       [sys.executable, TRAIN] + list(train_args),
       env=dict(os.environ, TF_CONFIG=tf_config(ports, i)))
              for i in range(num_workers)]
+  for i, worker in enumerate(workers):
+    logging.info("worker %d: pid %d", i, worker.pid)
   deadline = timeout_seconds and time.time() + timeout_seconds
   try:
-    while any(w.poll() is None for w in workers):
-      failed = [w for w in workers if w.poll() not in (None, 0)]
-      if failed or (deadline and time.time() > deadline):
-        return failed[0].returncode if failed else 124
+    while True:
+      failed = [(i, w) for i, w in enumerate(workers)
+                if w.poll() not in (None, 0)]
+      if failed:
+        i, worker = failed[0]
+        logging.error("worker %d %s; stopping the other workers", i,
+                      _describe(worker.returncode))
+        return worker.returncode
+      if all(w.returncode == 0 for w in workers):
+        return 0
+      if deadline and time.time() > deadline:
+        logging.error("Timed out after %g s; stopping all workers",
+                      timeout_seconds)
+        return 124
       time.sleep(0.5)
-    return next((w.returncode for w in workers if w.returncode), 0)
   finally:
     for w in workers:
       if w.poll() is None:
@@ -68,7 +91,8 @@ def launch(num_workers, train_args, timeout_seconds=None):
 
 
 def main(argv):
-  sys.exit(launch(FLAGS.num_workers, argv[1:], FLAGS.timeout_seconds))
+  code = launch(FLAGS.num_workers, argv[1:], FLAGS.timeout_seconds)
+  sys.exit(128 - code if code < 0 else code)  # A shell's code for a signal.
 
 
 if __name__ == "__main__":

@@ -37,13 +37,22 @@ EXIT_DIVERGED = 3
 
 
 def run(model_dir, mode, max_steps=None, checkpoint_path=None):
-  """Trains and/or evaluates; returns the COCO metrics if it evaluated."""
+  """Trains and/or evaluates; returns the COCO metrics if it evaluated.
+
+  The Gin config is written to model_dir only once the checkpoint to resume
+  (or evaluate) is known to fit the configured model: a mistaken
+  configuration changes nothing there.
+  """
   trainer = experiment.build_trainer(model_dir)
   if mode == "eval":
     if not trainer.restore(checkpoint_path):
       raise FileNotFoundError(
           f"No checkpoint to evaluate in {model_dir}; pass --checkpoint_path")
     return trainer.evaluate()
+  trainer.resume_or_initialize()
+  if trainer.is_chief:
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
   trainer.train(max_steps=max_steps, evaluate=mode == "train_and_eval")
   if trainer.is_chief:
     with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
@@ -57,10 +66,7 @@ def main(argv):
   del argv
   experiment.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
   os.makedirs(FLAGS.model_dir, exist_ok=True)
-  config = gin.config_str()
-  logging.info("Gin config:\n%s", config)
-  with open(os.path.join(FLAGS.model_dir, "config.gin"), "w") as f:
-    f.write(config)
+  logging.info("Gin config:\n%s", gin.config_str())
   exit_code = 0
   try:
     run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)

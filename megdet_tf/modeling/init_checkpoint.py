@@ -13,6 +13,8 @@ from absl import logging
 import gin
 import tensorflow as tf
 
+from megdet_tf.modeling import checkpoint_fit
+
 # The detector's parts that `init_checkpoint_modules` can name.
 MODULES = ("backbone", "decoder", "rpn_head", "detection_head")
 
@@ -51,13 +53,13 @@ def initialize_from_checkpoint(
       shape; the rest of the model keeps its initialisation.
 
   Raises:
-    ValueError: the checkpoint does not fit, naming the file and the variable.
+    ValueError: the checkpoint does not fit (`checkpoint_fit.check_fits`).
   """
   if not init_checkpoint:
     return None
   path = _resolve(init_checkpoint)
   if init_checkpoint_modules == "all":
-    target = model
+    names = ()
   else:
     names = ((init_checkpoint_modules,)
              if isinstance(init_checkpoint_modules, str)
@@ -67,16 +69,10 @@ def initialize_from_checkpoint(
       raise ValueError(
           "initialize_from_checkpoint.init_checkpoint_modules: "
           f"{unknown or names} is not 'all' or a subset of {MODULES}")
-    target = tf.train.Checkpoint(**{n: getattr(model, n) for n in names})
-  try:
-    status = tf.train.Checkpoint(model=target).read(path)
-    status.expect_partial().assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as e:
-    detail = str(e) if len(str(e)) < 800 else str(e)[:800] + " ..."
-    raise ValueError(
-        f"Checkpoint {path} does not fit this model's "
-        f"{init_checkpoint_modules!r} (initialize_from_checkpoint): {detail}. "
-        "Use the Gin configuration that trained it for those parts, or "
-        "initialise fewer modules.") from e
+  for prefix in [f"model/{n}/" for n in names] or ["model/"]:
+    checkpoint_fit.check_fits(model, path, prefix)
+  target = (tf.train.Checkpoint(**{n: getattr(model, n) for n in names})
+            if names else model)
+  tf.train.Checkpoint(model=target).read(path).expect_partial()
   logging.info("Initialised %s from %s", init_checkpoint_modules, path)
   return path

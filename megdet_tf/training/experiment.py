@@ -5,10 +5,12 @@ Gin files `include` each other by paths relative to the repository root
 so that tools work from any directory.
 """
 import os
+import time
 from typing import Sequence
 
 from absl import flags
 import gin
+import tensorflow as tf
 
 from megdet_tf.dataloaders import prepare_shapes  # noqa: F401  pylint: disable=unused-import  (demo.gin binds it)
 from megdet_tf.dataloaders.input_reader import InputReader
@@ -34,17 +36,43 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
 
 
 @gin.configurable(denylist=["model_dir"])
-def build_trainer(model_dir: str,
-                  prepare_data=None) -> trainer_lib.DetectorTrainer:
-  """Data (made first by `prepare_data`, e.g. the demo's), strategy, trainer."""
-  if prepare_data:
-    prepare_data()
+def build_trainer(model_dir: str, prepare_data=None,
+                  data_wait_seconds: float = 1800.0
+                  ) -> trainer_lib.DetectorTrainer:
+  """Data (made first by `prepare_data`, e.g. the demo's), strategy, trainer.
+
+  Args:
+    model_dir: the run's directory.
+    prepare_data: makes the dataset if it is missing. Only the chief runs it
+      (workers that all made it at once would delete each other's files);
+      the other workers wait until the chief's data is in place.
+    data_wait_seconds: how long a worker waits for the chief's data.
+  """
   with gin.config_scope("train"):
     train_reader = InputReader(is_training=True)
   with gin.config_scope("eval"):
     eval_reader = InputReader(is_training=False)
+  if prepare_data:
+    if strategy_lib.is_chief(
+        tf.distribute.cluster_resolver.TFConfigClusterResolver()):
+      prepare_data()
+    else:
+      _wait_for_files((train_reader, eval_reader), data_wait_seconds)
   for reader in (train_reader, eval_reader):
     reader.check_files()  # A missing or foreign dataset fails before heavy work.
   strategy = strategy_lib.build_strategy()
   return trainer_lib.DetectorTrainer(strategy, model_dir, train_reader,
                                      eval_reader)
+
+
+def _wait_for_files(readers, timeout_seconds: float):
+  """Waits until every reader's pattern matches a file (the chief's data)."""
+  deadline = time.time() + timeout_seconds
+  patterns = [r.file_pattern for r in readers]
+  while not all(tf.io.gfile.glob(p) for p in patterns):
+    if time.time() > deadline:
+      raise TimeoutError(
+          f"Waited {timeout_seconds:g} s for the chief (worker 0) to prepare "
+          f"the data matching {patterns}; see the chief's log, or raise "
+          "build_trainer.data_wait_seconds.")
+    time.sleep(1.0)

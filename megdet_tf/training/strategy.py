@@ -19,6 +19,16 @@ from megdet_tf.training import multi_worker_devices
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
 
 
+def is_chief(resolver) -> bool:
+  """Whether this task writes checkpoints and prepares data: the chief, or
+  worker 0 when the cluster has no chief (also without a cluster)."""
+  if resolver is None or not resolver.task_type:
+    return True
+  return (resolver.task_type == "chief" or
+          (resolver.task_type == "worker" and resolver.task_id == 0 and
+           "chief" not in resolver.cluster_spec().as_dict()))
+
+
 @gin.configurable
 def build_strategy(kind: str = "mirrored",
                    num_cpu_replicas: int = 1,

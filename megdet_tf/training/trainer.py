@@ -9,11 +9,13 @@ profile) before SGD applies them.
 
 Around the loop: checkpoints every `checkpoint_every_steps` and at the end
 (resumed automatically; only the chief writes to `model_dir`), a divergence
-guard that stops before a diverged state is saved, TensorBoard scalars and a
+guard that leaves no diverged checkpoint behind, TensorBoard scalars and a
 console progress line, and periodic COCO evaluation.
 """
+import functools
 import json
 import os
+import re
 import shutil
 import time
 from typing import Callable, Dict, Optional
@@ -26,13 +28,17 @@ import tensorflow as tf
 from megdet_tf.dataloaders.input_reader import InputReader
 from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
 from megdet_tf.evaluation.image_summaries import EvalImageSummaries
+from megdet_tf.modeling import checkpoint_fit
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling.init_checkpoint import initialize_from_checkpoint
+from megdet_tf.modeling.layers.cross_replica_batch_norm import (
+    CrossReplicaBatchNormalization)
 from megdet_tf.modeling.losses import FasterRCNNLoss
 from megdet_tf.modeling.pretrained import load_keras_applications_resnet
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
 from megdet_tf.optimization import optimizer as optimizer_lib
 from megdet_tf.training import profiling
+from megdet_tf.training import strategy as strategy_lib
 
 
 LOSS_KEYS = FasterRCNNLoss.KEYS + ("gradient_norm",)
@@ -42,16 +48,22 @@ DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes",
 
 
 class TrainingDivergedError(RuntimeError):
-  """The loss became non-finite or exploded; no checkpoint was written."""
+  """The loss became non-finite or exploded; no diverged checkpoint is left."""
 
 
-def _is_chief(strategy: tf.distribute.Strategy) -> bool:
-  resolver = getattr(strategy.extended, "_cluster_resolver", None)
-  if resolver is None or not resolver.task_type:
-    return True
-  return (resolver.task_type == "chief" or
-          (resolver.task_type == "worker" and resolver.task_id == 0 and
-           "chief" not in resolver.cluster_spec().as_dict()))
+def _check_compilable(model: tf.keras.Model, strategy: tf.distribute.Strategy):
+  """XLA cannot compile CGBN's group exchange: refuse it before tracing."""
+  grouped = [layer for layer in model.submodules
+             if isinstance(layer, CrossReplicaBatchNormalization) and
+             layer.trainable and layer.resolve_group_size(strategy) > 1]
+  if grouped:
+    raise ValueError(
+        f"DetectorTrainer.jit_compile=True with cross-replica BN in groups of "
+        f"{grouped[0].resolve_group_size(strategy)} ({len(grouped)} layers, "
+        f"e.g. {grouped[0].name}): XLA cannot compile the group exchange (no "
+        "kernel for the collective all-gather, one group key per cluster). "
+        "Set DetectorTrainer.jit_compile=False, or use build_norm.norm "
+        "'bn'/'frozen' or build_norm.group_size=1.")
 
 
 @gin.configurable(denylist=["strategy", "model_dir", "train_reader",
@@ -100,7 +112,7 @@ class DetectorTrainer:
     """
     self.strategy = strategy
     self.model_dir = model_dir
-    self.is_chief = _is_chief(strategy)
+    self.is_chief = strategy_lib.is_chief(strategy.cluster_resolver)
     self._steps_per_loop = steps_per_loop
     self._checkpoint_every_steps = checkpoint_every_steps
     self._eval_every_steps = eval_every_steps
@@ -134,17 +146,26 @@ class DetectorTrainer:
             self.optimizer)
       self.checkpoint = tf.train.Checkpoint(model=self.model,
                                             optimizer=self.optimizer)
+    if jit_compile:
+      _check_compilable(self.model, strategy)
     directory = model_dir if self.is_chief else os.path.join(
-        model_dir, f".worker_{strategy.extended._cluster_resolver.task_id}")  # pylint: disable=protected-access
+        model_dir, f".worker_{strategy.cluster_resolver.task_id}")
     self.checkpoint_manager = tf.train.CheckpointManager(
         self.checkpoint, directory, max_to_keep=keep_checkpoints,
         step_counter=self.optimizer.iterations)
     self.loss_fn = FasterRCNNLoss()
-    self._summary_writer = tf.summary.create_file_writer(
-        model_dir if self.is_chief else directory)
+    self._summary_dir = model_dir if self.is_chief else directory
     self._profile_window = profiling.ProfileWindow(model_dir,
                                                    capture=self.is_chief)
     self._train_loop = None
+    self._started = False
+    self._resumed_from = None
+
+  @functools.cached_property
+  def _summary_writer(self):
+    # Made on first use: creating it writes an event file, and nothing may
+    # change in model_dir before the checkpoint to resume is known to fit.
+    return tf.summary.create_file_writer(self._summary_dir)
 
   @property
   def step(self) -> int:
@@ -154,13 +175,63 @@ class DetectorTrainer:
     """Restores `checkpoint_path`, or the chief's latest in model_dir.
 
     Every worker reads the chief's checkpoints (model_dir must be on a file
-    system all workers share, as for any multi-worker TensorFlow job).
+    system all workers share, as for any multi-worker TensorFlow job). A
+    checkpoint of another model configuration is refused before anything is
+    restored (`checkpoint_fit.check_fits`), and workers that did not restore
+    the same step stop with an error.
     """
     path = checkpoint_path or tf.train.latest_checkpoint(self.model_dir)
+    # Before restoring: a restore on some workers only would leave the
+    # workers' collectives out of step.
+    self._check_workers_agree(path)
     if path:
+      checkpoint_fit.check_fits(self.model, path)
       self.checkpoint.restore(path).expect_partial()
       logging.info("Restored %s (step %d)", path, self.step)
     return path
+
+  def resume_or_initialize(self) -> Optional[str]:
+    """Restores model_dir's latest checkpoint, or starts a fresh run from
+    `initialize_from_checkpoint`'s (when Gin names one); once per trainer.
+
+    Returns the restored checkpoint, if any.
+    """
+    if not self._started:
+      self._started = True
+      self._resumed_from = self.restore()
+      if not self._resumed_from:
+        initialize_from_checkpoint(self.model)
+    return self._resumed_from
+
+  def _check_workers_agree(self, path: Optional[str]):
+    """All workers are about to restore the same step (one all-gather)."""
+    resolver = self.strategy.cluster_resolver
+    num_workers = resolver and sum(
+        len(tasks) for tasks in resolver.cluster_spec().as_dict().values())
+    if not num_workers or num_workers == 1:
+      return
+    match = re.fullmatch(r".*-(\d+)", path or "")
+    step = int(match.group(1)) if match else (-1 if path else 0)
+    steps = self._gather(tf.constant(step, tf.float32)).numpy()
+    if len(set(steps.tolist())) == 1:
+      return
+    per_worker = len(steps) // num_workers
+    raise RuntimeError(
+        "Workers resumed from different steps: " + ", ".join(
+            f"worker {w}: step {int(steps[w * per_worker])}"
+            for w in range(num_workers)) +
+        f" (this is {resolver.task_type} {resolver.task_id}, which found "
+        f"{path or 'no checkpoint'}). Every worker must see the chief's "
+        f"model_dir {self.model_dir} on a shared file system.")
+
+  @tf.function
+  def _gather(self, value: tf.Tensor) -> tf.Tensor:
+    """`value` of every replica, in replica order."""
+    def replica_fn():
+      return tf.distribute.get_replica_context().all_gather(
+          tf.reshape(value, [1]), axis=0)
+    return self.strategy.experimental_local_results(
+        self.strategy.run(replica_fn))[0]
 
   def _save(self):
     self.checkpoint_manager.save(checkpoint_number=self.step)
@@ -220,11 +291,17 @@ class DetectorTrainer:
   def _is_healthy(self, total_loss) -> tf.Tensor:
     return tf.math.is_finite(total_loss) & (total_loss <= self._max_loss)
 
-  def _check_divergence(self, losses: Dict[str, float]):
+  def _check_divergence(self, losses: Dict[str, float],
+                        first_step_of_loop: bool):
     """Raises `TrainingDivergedError`; the chief also writes `DIVERGED_FILE`.
 
-    The file (step, learning rate, loss terms) is what a script or a job
-    scheduler reads instead of the log; a later run in model_dir removes it.
+    A step's loss is computed on the weights before its update, so the
+    update that diverges is seen one step later. When that step is the first
+    after a checkpoint, the checkpoint holds the diverged weights: it is
+    removed, and the latest checkpoint left is one whose own loss was
+    healthy. The file (step, learning rate, loss terms) is what a script or
+    a job scheduler reads instead of the log; a later run in model_dir
+    removes it.
     """
     if bool(self._is_healthy(losses["total_loss"])):
       return
@@ -232,19 +309,39 @@ class DetectorTrainer:
         max((k for k in losses if k.endswith("loss") and k != "total_loss"),
             key=lambda k: losses[k])]
     learning_rate = float(self.schedule(self.step - 1))
+    removed = (self._remove_latest_checkpoint(self.step - 1)
+               if first_step_of_loop and self.is_chief else None)
     if self.is_chief:
       with open(os.path.join(self.model_dir, DIVERGED_FILE), "w") as f:
         json.dump(dict(step=self.step, learning_rate=learning_rate,
-                       bad_terms=bad, losses=losses), f, indent=1)
+                       bad_terms=bad, losses=losses,
+                       removed_checkpoint=removed), f, indent=1)
     raise TrainingDivergedError(
         f"Training diverged at step {self.step}: total_loss="
         f"{losses['total_loss']:.4g} (max_loss={self._max_loss:g}), "
         f"learning rate {learning_rate:.4g}; "
         f"first bad term: {', '.join(bad)} (all terms: " +
         ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items())) +
-        "). No checkpoint was written from this state; the latest checkpoint "
-        f"in {self.model_dir} is intact. Lower the learning rate, lengthen "
-        "the warmup or use cross-replica BN (norm 'cgbn').")
+        "). " + (f"Checkpoint {removed} held the diverged weights and was "
+                 "removed; " if removed else "") +
+        f"the latest checkpoint in {self.model_dir} is a healthy state. "
+        "Lower the learning rate, lengthen the warmup or use cross-replica "
+        "BN (norm 'cgbn').")
+
+  def _remove_latest_checkpoint(self, step: int) -> Optional[str]:
+    """Deletes the latest checkpoint if it is of `step`; returns its path."""
+    checkpoints = list(self.checkpoint_manager.checkpoints)
+    if not checkpoints or not checkpoints[-1].endswith(f"-{step}"):
+      return None
+    for path in tf.io.gfile.glob(checkpoints[-1] + ".*"):
+      tf.io.gfile.remove(path)
+    if len(checkpoints) > 1:
+      tf.compat.v1.train.update_checkpoint_state(
+          self.model_dir, checkpoints[-2],
+          all_model_checkpoint_paths=checkpoints[:-1])
+    else:
+      tf.io.gfile.remove(os.path.join(self.model_dir, "checkpoint"))
+    return checkpoints[-1]
 
   # --- Public entry points --------------------------------------------------
 
@@ -252,11 +349,9 @@ class DetectorTrainer:
             evaluate: bool = False) -> Dict[str, float]:
     """Trains to `total_steps` (or `max_steps`), resuming from model_dir.
 
-    A fresh run (no checkpoint in model_dir) starts from
-    `initialize_from_checkpoint`'s checkpoint when Gin names one.
+    See `resume_or_initialize` for where it starts.
     """
-    if not self.restore():
-      initialize_from_checkpoint(self.model)
+    self.resume_or_initialize()
     diverged = os.path.join(self.model_dir, DIVERGED_FILE)
     if self.is_chief and os.path.exists(diverged):
       os.remove(diverged)
@@ -271,7 +366,7 @@ class DetectorTrainer:
       with self._profile_window.loop(self.step, num_steps, end):
         losses, steps = self._train_loop(iterator, tf.constant(num_steps))
         losses = {k: float(v) for k, v in losses.items()}
-      self._check_divergence(losses)
+      self._check_divergence(losses, first_step_of_loop=int(steps) == 1)
       elapsed = time.time() - start
       self._write_train_summaries(losses, int(steps), elapsed, traced)
       if time.time() - last_log >= self._log_every_seconds or self.step >= end:

@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
                  ["--gin_param=build_lr_schedule.base_learning_rate=1e9"])
   assert diverged.returncode == 3, diverged.stderr[-3000:]
   assert "Training diverged at step" in diverged.stderr
-  assert "No checkpoint was written" in diverged.stderr
+  assert "is a healthy state" in diverged.stderr
   with open(interrupted / "diverged.json") as f:
     record = json.load(f)
   assert 8 < record["step"] <= 12 and record["learning_rate"] > 1e8
@@ -164,6 +164,16 @@ def test_misspelled_gin_parameter_fails_before_training(tmp_path):
       "DetectorTrainer.stepz_per_loop=3"]), timeout=120)
   assert result.returncode != 0
   assert "stepz_per_loop" in result.stderr
+  assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_xla_with_grouped_cgbn_is_refused_before_tracing(tmp_path):
+  params = tiny_params(str(tmp_path / "data"), replicas=2,
+                       **{"DetectorTrainer.jit_compile": True})
+  result = run(train_cmd(tmp_path / "run", params), timeout=300)
+  assert result.returncode != 0
+  assert ("jit_compile=True with cross-replica BN in groups of 2 (35 layers"
+          in result.stderr), result.stderr[-3000:]
   assert not (tmp_path / "run" / "checkpoint").exists()
 
 
@@ -193,9 +203,8 @@ def test_two_localhost_workers_train_identical_weights(tmp_path):
   data = str(tmp_path / "data")
   params = tiny_params(data, **{"build_strategy.kind": "'multi_worker'",
                                 "GLOBAL_BATCH_SIZE": 4})
-  # Make the dataset once, before two processes race to make it.
-  prepared = run([TRAIN_STEPS, str(tmp_path / "prepare"), "0"] + params)
-  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  # Both workers start on a missing dataset: the chief makes it, the other
+  # waits for it.
   ports = launch_local.free_ports(2)
   workers = [subprocess.Popen(  # pylint: disable=consider-using-with
       [sys.executable, TRAIN_STEPS, str(tmp_path / "run"), "4"] + params,
@@ -216,6 +225,81 @@ def test_two_localhost_workers_train_identical_weights(tmp_path):
   assert all(np.isfinite(reports[0]["losses"]))
   assert (tmp_path / "run" / "checkpoint").exists()
   assert not (tmp_path / "run" / ".worker_1").exists()
+
+
+@pytest.mark.slow
+def test_divergence_leaves_a_healthy_checkpoint_that_a_sane_restart_trains_on(
+    tmp_path):
+  """The update that diverges is checkpointed before its loss is seen; the
+  guard removes that checkpoint, so a restart with a sane rate trains on."""
+  params = tiny_params(str(tmp_path / "data"),
+                       **{"DetectorTrainer.checkpoint_every_steps": 1})
+  model_dir = tmp_path / "run"
+  healthy = run(train_cmd(model_dir, params, "--max_steps=2"))
+  assert healthy.returncode == 0, healthy.stderr[-3000:]
+  diverged = run(train_cmd(model_dir, params, "--max_steps=6") +
+                 ["--gin_param=build_lr_schedule.base_learning_rate=1e9"])
+  assert diverged.returncode == 3, diverged.stderr[-3000:]
+  assert "Training diverged at step 4" in diverged.stderr
+  with open(model_dir / "diverged.json") as f:
+    record = json.load(f)
+  assert record["removed_checkpoint"] == str(model_dir / "ckpt-3")
+  assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-2")
+  resumed = run(train_cmd(model_dir, params, "--max_steps=4"))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Restored" in resumed.stderr and "ckpt-2" in resumed.stderr
+  assert not (model_dir / "diverged.json").exists()
+  _, weights = checkpoint_weights(str(model_dir))
+  assert all(np.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+def test_another_model_config_is_refused_before_model_dir_changes(tmp_path):
+  params = tiny_params(str(tmp_path / "data"))
+  model_dir = tmp_path / "run"
+  trained = run(train_cmd(model_dir, params, "--max_steps=2"))
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  before = {p.name: p.read_bytes() for p in model_dir.iterdir()
+            if p.is_file()}
+  wider = params + ["ResNet.width_multiplier=0.25"]
+  for mode in ("train", "eval"):
+    refused = run(train_cmd(model_dir, wider, "--max_steps=4") +
+                  [f"--mode={mode}"])
+    assert refused.returncode != 0
+    assert (f"{model_dir}/ckpt-2 does not match this model: model/backbone/"
+            in refused.stderr), refused.stderr[-3000:]
+    assert "in it but" in refused.stderr
+  after = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+  assert after == before
+
+
+@pytest.mark.slow
+def test_workers_that_restored_different_steps_stop_naming_them(tmp_path):
+  """Worker 1 reads another model_dir (no shared file system): no step 2."""
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import launch_local  # pylint: disable=g-import-not-at-top
+  params = tiny_params(str(tmp_path / "data"))
+  trained = run(train_cmd(tmp_path / "run", params, "--max_steps=2"))
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  params = tiny_params(str(tmp_path / "data"),
+                       **{"build_strategy.kind": "'multi_worker'",
+                          "GLOBAL_BATCH_SIZE": 4})
+  ports = launch_local.free_ports(2)
+  workers = [subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable] + train_cmd(tmp_path / d, params, "--max_steps=4"),
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, TF_CONFIG=launch_local.tf_config(ports, i)))
+             for i, d in enumerate(("run", "elsewhere"))]
+  try:
+    errors = [w.communicate(timeout=TIMEOUT)[1] for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  for worker, stderr in zip(workers, errors):
+    assert worker.returncode != 0
+    assert ("Workers resumed from different steps: worker 0: step 2, "
+            "worker 1: step 0" in stderr), stderr[-3000:]
+  assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-2")
 
 
 @pytest.mark.slow

@@ -208,13 +208,13 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
 
   def build(self, input_shape):
     super().build(input_shape)
-    self._resolve_group_size(tf.distribute.get_strategy())
+    self.resolve_group_size(tf.distribute.get_strategy())
 
   def get_config(self):
     return {**super().get_config(), "group_size": self.group_size,
             "exchange": self.exchange}
 
-  def _resolve_group_size(self, strategy: tf.distribute.Strategy) -> int:
+  def resolve_group_size(self, strategy: tf.distribute.Strategy) -> int:
     """Replicas per group under `strategy`; 1 if there is nothing to share."""
     num_replicas = strategy.num_replicas_in_sync
     if num_replicas == 1:
@@ -244,7 +244,7 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
     inputs = tf.cast(inputs, self.compute_dtype)
     self._check_can_share(inputs, training_value, mask)
     with tf.name_scope("group_batch_norm"):
-      group_size = self._resolve_group_size(replica_ctx.strategy)
+      group_size = self.resolve_group_size(replica_ctx.strategy)
       # The fused kernels take [N, H, W, C]; other ranks become [N', 1, 1, C].
       is_image = inputs.shape.rank == 4
       x = inputs if is_image else tf.reshape(inputs,
