@@ -36,6 +36,9 @@ TINY = {
     "MultilevelROIGenerator.test_pre_nms_top_k": 100,
     "MultilevelROIGenerator.test_num_proposals": 50,
     "ROISampler.num_sampled_rois": 32,
+    # A tenth of the study's rate: this test is about the harness, and a
+    # 22-step run on 32 images must not diverge on any machine.
+    "build_lr_schedule.base_learning_rate": 0.002,
 }
 ONE_RUN_EACH = "bs16_frozen_s0|bs32_bn32_s0|bs16_bn16_long_s0"
 
@@ -76,7 +79,9 @@ def test_grid_trains_records_resumes_and_reports(tmp_path):
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   found = records(out)
   assert set(found) == {"pretrain", *ONE_RUN_EACH.split("|")}
-  assert all(r["status"] == "converged" for r in found.values())
+  assert all(r["status"] == "converged" for r in found.values()), {
+      n: (r["status"], r.get("failed_step"), r.get("failed_terms"))
+      for n, r in found.items()}
   pretrained = os.path.join(out, "work", "runs", "pretrain", "model")
   for name in ONE_RUN_EACH.split("|"):
     record = found[name]
@@ -90,8 +95,8 @@ def test_grid_trains_records_resumes_and_reports(tmp_path):
   assert found["bs32_bn32_s0"]["realisation"] == dict(
       replicas=2, per_replica=16, group_size=2)
   table3 = outputs(out)["table3.md"].decode()
-  assert "| 32 | 32 | 2 x 16, groups of 2 | 0.04 |" in table3
-  assert "| 16 | 0 (frozen) | 2 x 8 | 0.02 |" in table3
+  assert "| 32 | 32 | 2 x 16, groups of 2 | 0.004 |" in table3
+  assert "| 16 | 0 (frozen) | 2 x 8 | 0.002 |" in table3
   assert "1 | " in outputs(out)["fig4.md"].decode()
 
   # Finished runs are not redone; the report comes from the records alone.
