@@ -184,6 +184,11 @@ class StudyRunner:
     ]
     if realised["group_size"]:
       lines.append(f"build_norm.group_size = {realised['group_size']}")
+    if run.warmup_epochs is not None:
+      lines.append(f"build_lr_schedule.warmup_epochs = {run.warmup_epochs}")
+    if run.norm_in_heads:
+      lines += ["FPN.use_norm = True", "RPNHead.use_norm = True",
+                "BoxHead.fc_norm = True"]
     return "\n".join(lines) + "\n"
 
   def plan(self, run: Optional[grid.Run]) -> Plan:

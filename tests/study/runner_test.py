@@ -79,3 +79,16 @@ def test_pretraining_trains_every_norm_on_other_data(runner):
   experiment.parse_gin([], [runner.plan(grid.Run(16, 0)).gin_text])
   assert gin.query_parameter("build_norm.norm") == "frozen"
   assert gin.query_parameter("prepare_shapes_dataset.seed") == 0
+
+
+@pytest.mark.parametrize("run", grid.study_runs("ablation"))
+def test_ablation_sets_warmup_and_norm_in_heads_only_where_named(runner, run):
+  plan = runner.plan(run)
+  experiment.parse_gin([], [plan.gin_text])
+  per_epoch = plan.schedule["steps_per_epoch"]
+  warmup_epochs = 0.5 if run.warmup_epochs is None else run.warmup_epochs
+  assert plan.schedule["warmup_steps"] == round(warmup_epochs * per_epoch)
+  for binding in ("FPN.use_norm", "RPNHead.use_norm", "BoxHead.fc_norm"):
+    assert gin.query_parameter(binding) == run.norm_in_heads, binding
+  assert ("_heads" in run.name) == run.norm_in_heads
+  assert ("_wu" in run.name) == (run.warmup_epochs is not None)
