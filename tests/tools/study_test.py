@@ -40,7 +40,7 @@ TINY = {
     # 22-step run on 32 images must not diverge on any machine.
     "build_lr_schedule.base_learning_rate": 0.002,
 }
-ONE_RUN_EACH = "bs16_frozen_s0|bs32_bn32_s0|bs16_bn16_long_s0"
+ONE_RUN_EACH = "bs16_frozen_s0|bs32_bn32_s0|bs16_bn16_long_heads_s0"
 
 
 def study(out, *flags, wait=True):
@@ -90,7 +90,7 @@ def test_grid_trains_records_resumes_and_reports(tmp_path):
     assert record["eval_history"][-1]["step"] == (
         record["schedule"]["total_steps"])
     assert len(record["commit"]) == 40 and record["wall_seconds"] > 0
-  long = found["bs16_bn16_long_s0"]
+  long = found["bs16_bn16_long_heads_s0"]
   assert [e["epoch"] for e in long["eval_history"]] == list(range(1, 19))
   assert found["bs32_bn32_s0"]["realisation"] == dict(
       replicas=2, per_replica=16, group_size=2)
