@@ -187,6 +187,29 @@ def test_get_config_round_trip():
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-4)
 
 
+def test_the_config_carries_the_norm_without_gin():
+  """from_config rebuilds CGBN with its group size and epsilon everywhere,
+  the FPN and heads included, after Gin is cleared."""
+  model = build_tiny("cgbn", "build_norm.group_size = 2\n"
+                     "build_norm.epsilon = 1e-3\n"
+                     "FPN.use_norm = True\nRPNHead.use_norm = True\n"
+                     "BoxHead.fc_norm = True\n")
+  config = model.get_config()
+  gin.clear_config()
+  clone = faster_rcnn.FasterRCNN.from_config(config)
+  faster_rcnn.build_variables(clone)
+  norms = [l for l in clone.submodules
+           if isinstance(l, tf.keras.layers.BatchNormalization)]
+  assert len(norms) == len([l for l in model.submodules if isinstance(
+      l, tf.keras.layers.BatchNormalization)])
+  for part in (clone.backbone, clone.decoder, clone.rpn_head,
+               clone.detection_head[0]):
+    assert any(n in part.submodules for n in norms), part.name
+  for norm in norms:
+    assert type(norm).__name__ == "CrossReplicaBatchNormalization", norm.name
+    assert (norm.group_size, norm.epsilon) == (2, 1e-3), norm.name
+
+
 def test_mixed_bfloat16_keeps_boxes_float32():
   tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:

@@ -26,7 +26,7 @@ forward pass only.
 import contextlib
 import functools
 import threading
-from typing import Dict
+from typing import Any, Dict, Optional
 
 import gin
 import tensorflow as tf
@@ -70,17 +70,19 @@ class _Block(tf.keras.layers.Layer):
   """Residual block: (conv, norm) pairs, relu between, a shortcut around."""
 
   def __init__(self, kernels, filters, strides, shortcut_filters,
-               use_projection, **kwargs):
+               use_projection, norm, **kwargs):
     super().__init__(**kwargs)
     self.convs, self.norms = [], []
     for j, (kernel, f, s) in enumerate(zip(kernels, filters, strides), 1):
       self.convs.append(_conv(f, kernel, s, f"{self.name}_{j}_conv"))
-      self.norms.append(normalization.build_norm(name=f"{self.name}_{j}_bn"))
+      self.norms.append(
+          normalization.build_norm(name=f"{self.name}_{j}_bn", **norm))
     self.shortcut_conv = self.shortcut_norm = None
     if use_projection:
       self.shortcut_conv = _conv(shortcut_filters, 1, max(strides),
                                  f"{self.name}_0_conv")
-      self.shortcut_norm = normalization.build_norm(name=f"{self.name}_0_bn")
+      self.shortcut_norm = normalization.build_norm(
+          name=f"{self.name}_0_bn", **norm)
 
   def call(self, x, training=None):
     shortcut = x
@@ -94,13 +96,14 @@ class _Block(tf.keras.layers.Layer):
 
 
 def _block(kind: str, filters: int, strides: int, use_projection: bool,
-           stride_in_1x1: bool, name: str) -> _Block:
+           stride_in_1x1: bool, norm: Dict[str, Any], name: str) -> _Block:
   if kind == "basic":
     return _Block((3, 3), (filters, filters), (strides, 1), filters,
-                  use_projection, name=name)
+                  use_projection, norm, name=name)
   first, middle = (strides, 1) if stride_in_1x1 else (1, strides)
   return _Block((1, 3, 1), (filters, filters, 4 * filters),
-                (first, middle, 1), 4 * filters, use_projection, name=name)
+                (first, middle, 1), 4 * filters, use_projection, norm,
+                name=name)
 
 
 # Replicas share the layers, and MirroredStrategy interleaves their tracing
@@ -149,6 +152,7 @@ class ResNet(tf.keras.Model):
                stride_in_1x1: bool = True,
                freeze_at: int = 2,
                recompute: bool = False,
+               norm: Optional[Dict[str, Any]] = None,
                **kwargs):
     """Builds the layers.
 
@@ -161,6 +165,7 @@ class ResNet(tf.keras.Model):
         stage 2 (C2), as Detectron's FREEZE_AT.
       recompute: recompute the activations of the stem and of each stage in
         the backward pass instead of keeping them (sub-linear memory).
+      norm: norm spec (`normalization.norm_spec`); None = Gin's choice.
       **kwargs: `tf.keras.Model` arguments (e.g. `name`).
     """
     super().__init__(**kwargs)
@@ -171,18 +176,20 @@ class ResNet(tf.keras.Model):
       raise ValueError(f"ResNet.freeze_at must be in 0..5, got {freeze_at}")
     self._config = dict(depth=depth, width_multiplier=width_multiplier,
                         stride_in_1x1=stride_in_1x1, freeze_at=freeze_at,
-                        recompute=recompute)
+                        recompute=recompute,
+                        norm=normalization.norm_spec(norm))
     kind, blocks_per_stage = RESNET_SPECS[depth]
     width = lambda f: max(1, int(round(f * width_multiplier)))
     self.stem_conv = _conv(width(64), 7, 2, "conv1_conv")
-    self.stem_norm = normalization.build_norm(name="conv1_bn")
+    self.stem_norm = normalization.build_norm(name="conv1_bn",
+                                              **self._config["norm"])
     self.stages = []
     for stage, (num_blocks, filters) in enumerate(
         zip(blocks_per_stage, _STAGE_FILTERS), 2):
       self.stages.append([
           _block(kind, width(filters), 2 if (i == 0 and stage > 2) else 1,
                  use_projection=(i == 0 and (stage > 2 or kind != "basic")),
-                 stride_in_1x1=stride_in_1x1,
+                 stride_in_1x1=stride_in_1x1, norm=self._config["norm"],
                  name=f"conv{stage}_block{i + 1}")
           for i in range(num_blocks)])
     if freeze_at >= 1:

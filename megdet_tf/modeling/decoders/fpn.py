@@ -6,7 +6,7 @@ stride-2 subsampling of the one below (P6 = max_pool1x1/2(P5)), which is what
 the Faster R-CNN FPN uses for its largest anchors. Convs have a bias and no
 normalization by default; `use_norm` adds the project's norm after each conv.
 """
-from typing import Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import gin
 import tensorflow as tf
@@ -31,6 +31,7 @@ class FPN(tf.keras.Model):
                backbone_max_level: int = 5,
                num_filters: int = 256,
                use_norm: bool = False,
+               norm: Optional[Dict[str, Any]] = None,
                **kwargs):
     """Builds the layers.
 
@@ -42,6 +43,7 @@ class FPN(tf.keras.Model):
       num_filters: channels of every output level.
       use_norm: normalize after each conv (with `build_norm`); the convs then
         have no bias.
+      norm: norm spec (`normalization.norm_spec`); None = Gin's choice.
       **kwargs: `tf.keras.Model` arguments (e.g. `name`).
     """
     super().__init__(**kwargs)
@@ -51,12 +53,14 @@ class FPN(tf.keras.Model):
           f"{min_level}, {backbone_max_level}, {max_level}")
     self._config = dict(min_level=min_level, max_level=max_level,
                         backbone_max_level=backbone_max_level,
-                        num_filters=num_filters, use_norm=use_norm)
+                        num_filters=num_filters, use_norm=use_norm,
+                        norm=normalization.norm_spec(norm))
     conv = lambda kernel, name: conv2d.Conv2D(
         num_filters, kernel, padding="same", use_bias=not use_norm,
         kernel_initializer=xavier_fill(), name=name)
-    norm = lambda name: (normalization.build_norm(name=name) if use_norm
-                         else tf.keras.layers.Identity(name=name))
+    norm = lambda name: (
+        normalization.build_norm(name=name, **self._config["norm"])
+        if use_norm else tf.keras.layers.Identity(name=name))
     levels = range(min_level, backbone_max_level + 1)
     self.lateral_convs = [conv(1, f"lateral_{l}") for l in levels]
     self.lateral_norms = [norm(f"lateral_{l}_norm") for l in levels]

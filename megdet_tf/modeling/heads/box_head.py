@@ -7,7 +7,7 @@ layout is Model Garden's `DetectionHead`'s, so its losses and detection
 generator apply unchanged. Norms (after convs always, after fcs if
 `fc_norm`) come from `build_norm`; Detectron's 2fc head has none.
 """
-from typing import Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import gin
 import tensorflow as tf
@@ -33,6 +33,7 @@ class BoxHead(tf.keras.layers.Layer):
                num_fcs: int = 2,
                fc_dims: int = 1024,
                fc_norm: bool = False,
+               norm: Optional[Dict[str, Any]] = None,
                **kwargs):
     """Builds the layers.
 
@@ -43,22 +44,26 @@ class BoxHead(tf.keras.layers.Layer):
       num_fcs: fully connected layers.
       fc_dims: width of each fully connected layer.
       fc_norm: normalize after each fully connected layer.
+      norm: norm spec (`normalization.norm_spec`); None = Gin's choice.
       **kwargs: `tf.keras.layers.Layer` arguments (e.g. `name`).
     """
     super().__init__(**kwargs)
     self._config = dict(num_classes=num_classes, num_convs=num_convs,
                         num_filters=num_filters, num_fcs=num_fcs,
-                        fc_dims=fc_dims, fc_norm=fc_norm)
+                        fc_dims=fc_dims, fc_norm=fc_norm,
+                        norm=normalization.norm_spec(norm))
     self.convs = [conv2d.Conv2D(
         num_filters, 3, padding="same", use_bias=False,
         kernel_initializer=tf.keras.initializers.HeNormal(),
         name=f"conv_{i}") for i in range(num_convs)]
-    self.conv_norms = [normalization.build_norm(name=f"conv_{i}_norm")
+    self.conv_norms = [normalization.build_norm(name=f"conv_{i}_norm",
+                                                **self._config["norm"])
                        for i in range(num_convs)]
     self.fcs = [tf.keras.layers.Dense(
         fc_dims, use_bias=not fc_norm, kernel_initializer=_xavier_fill(),
         name=f"fc_{i}") for i in range(num_fcs)]
-    self.fc_norms = [normalization.build_norm(name=f"fc_{i}_norm")
+    self.fc_norms = [normalization.build_norm(name=f"fc_{i}_norm",
+                                              **self._config["norm"])
                      for i in range(num_fcs)] if fc_norm else []
     # Predictions in float32 under mixed precision (boxes are decoded in their
     # dtype; see rpn_head.py).

@@ -7,7 +7,7 @@ are. Unlike Model Garden's head (a batch norm per level) it has no
 normalization unless `use_norm`, which takes the project's norm, one per level
 since levels have different statistics.
 """
-from typing import Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import gin
 import tensorflow as tf
@@ -31,6 +31,7 @@ class RPNHead(tf.keras.layers.Layer):
                num_anchors_per_location: int = 3,
                num_filters: int = 256,
                use_norm: bool = False,
+               norm: Optional[Dict[str, Any]] = None,
                **kwargs):
     """Builds the layers.
 
@@ -40,16 +41,19 @@ class RPNHead(tf.keras.layers.Layer):
       num_anchors_per_location: anchors per position (scales x ratios).
       num_filters: channels of the shared 3x3 conv.
       use_norm: normalize after the 3x3 conv (with `build_norm`).
+      norm: norm spec (`normalization.norm_spec`); None = Gin's choice.
       **kwargs: `tf.keras.layers.Layer` arguments (e.g. `name`).
     """
     super().__init__(**kwargs)
     self._config = dict(min_level=min_level, max_level=max_level,
                         num_anchors_per_location=num_anchors_per_location,
-                        num_filters=num_filters, use_norm=use_norm)
+                        num_filters=num_filters, use_norm=use_norm,
+                        norm=normalization.norm_spec(norm))
     self.conv = conv2d.Conv2D(
         num_filters, 3, padding="same", use_bias=not use_norm,
         kernel_initializer=_normal(0.01), name="rpn_conv")
-    self.norms = [normalization.build_norm(name=f"rpn_norm_{l}")
+    self.norms = [normalization.build_norm(name=f"rpn_norm_{l}",
+                                           **self._config["norm"])
                   for l in range(min_level, max_level + 1)] if use_norm else []
     # Predictions in float32 under mixed precision: Model Garden decodes the
     # proposals in the dtype of these outputs, and bfloat16 (8 significant

@@ -2,7 +2,10 @@
 
 Detectron2's `get_norm` idea: every layer that normalizes asks `build_norm`
 for its layer, and Gin (`gin/norm/*.gin`) chooses the kind once for the whole
-detector:
+detector. A layer resolves that choice once into a norm spec (`norm_spec`), a
+plain dict it keeps in its config, and builds its norms from the spec alone,
+so a model rebuilt from its config has the norms it was trained with whatever
+Gin holds then. The kinds:
 
 - `frozen`: affine transform with fixed statistics and fixed scale/offset, the
   paper's "BN 0" baseline that keeps ImageNet statistics;
@@ -10,7 +13,7 @@ detector:
 - `cgbn`: MegDet's cross-GPU BN, statistics over `group_size` replicas.
 """
 import inspect
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional
 
 import gin
 import tensorflow as tf
@@ -18,6 +21,8 @@ import tensorflow as tf
 from megdet_tf.modeling.layers import cross_replica_batch_norm
 
 NORMS = ("frozen", "bn", "cgbn")
+# The arguments of `build_norm` a norm spec holds.
+SPEC_FIELDS = ("norm", "group_size", "exchange", "momentum", "epsilon")
 
 
 @tf.keras.utils.register_keras_serializable(package="megdet_tf")
@@ -79,25 +84,40 @@ def build_norm(norm: str = "frozen",
   raise ValueError(f"build_norm.norm must be one of {NORMS}, got {norm!r}")
 
 
+def norm_spec(norm: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """The normalization a layer builds: `norm` if given, else Gin's choice.
+
+  Gin's choice is `build_norm`'s bindings, its defaults where unbound (the
+  global scope). A layer passes the spec from its deserialized config as
+  `norm`, and builds every norm with `build_norm(name=..., **spec)`.
+  """
+  if norm is None:
+    bound = gin.get_bindings(build_norm)
+    defaults = inspect.signature(build_norm).parameters
+    norm = {k: bound.get(k, defaults[k].default) for k in SPEC_FIELDS}
+  unknown = set(norm) - set(SPEC_FIELDS)
+  if unknown:
+    raise ValueError(f"A norm spec holds {SPEC_FIELDS}; got {sorted(unknown)}")
+  if norm.get("norm", "frozen") not in NORMS:
+    raise ValueError(f"build_norm.norm must be one of {NORMS}, got "
+                     f"{norm['norm']!r}")
+  return dict(norm)
+
+
 def bn_size(per_replica_batch_size: int, replicas_per_worker: int = 1) -> int:
   """Images whose statistics one BN group shares (the paper's "BN size").
 
-  The norm kind and group size are read from `build_norm`'s Gin bindings (its
-  defaults where unbound; the scope is the caller's), so a config binds them
-  once, e.g. with `gin/norm/cgbn.gin`. 0 for frozen BN, which has no batch
-  statistics.
+  The norm kind and group size are Gin's choice (`norm_spec`), so a config
+  binds them once, e.g. with `gin/norm/cgbn.gin`. 0 for frozen BN, which has
+  no batch statistics.
 
   Args:
     per_replica_batch_size: images per replica and step.
     replicas_per_worker: replicas of one worker, the group when
       `build_norm.group_size` is None.
   """
-  bound = gin.get_bindings(build_norm)
-  defaults = inspect.signature(build_norm).parameters
-  norm, group_size = (bound.get(name, defaults[name].default)
-                      for name in ("norm", "group_size"))
-  if norm not in NORMS:
-    raise ValueError(f"build_norm.norm must be one of {NORMS}, got {norm!r}")
+  spec = norm_spec()
+  norm, group_size = spec["norm"], spec["group_size"]
   if norm == "frozen":
     return 0
   if norm == "bn":
