@@ -10,6 +10,9 @@ TF Example format and prints a summary. Boxes crossing the image border are
 clipped and kept, boxes with no area left are dropped, crowd boxes are kept
 and flagged, images without boxes are kept. A missing image file is skipped
 and listed in the summary; if none of the images exists it is an error.
+Every image is decoded: one that does not (truncated or corrupt) is skipped
+and listed too, or with --strict stops the conversion. Shards get their
+final names only when the conversion completes.
 See megdet_tf/dataloaders/coco_tfrecord.py.
 """
 import sys
@@ -35,6 +38,10 @@ _OUTPUT_PREFIX = flags.DEFINE_string(
 _NUM_SHARDS = flags.DEFINE_integer(
     "num_shards", 32,
     "Number of output files. Use at least as many as input workers.")
+_STRICT = flags.DEFINE_bool(
+    "strict", False,
+    "Stop at the first image that does not decode, instead of skipping it "
+    "and listing it in the summary.")
 flags.mark_flags_as_required(["image_dir", "annotations_file",
                               "output_prefix"])
 
@@ -45,7 +52,7 @@ def main(argv):
   try:
     summary = coco_tfrecord.convert_coco(
         _IMAGE_DIR.value, _ANNOTATIONS_FILE.value, _OUTPUT_PREFIX.value,
-        _NUM_SHARDS.value)
+        _NUM_SHARDS.value, _STRICT.value)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"create_coco_tfrecord: {e}")
   print(summary)

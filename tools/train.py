@@ -43,7 +43,7 @@ def run(model_dir, mode, max_steps=None, checkpoint_path=None):
   (or evaluate) is known to fit the configured model: a mistaken
   configuration changes nothing there.
   """
-  trainer = experiment.build_trainer(model_dir)
+  trainer = experiment.build_trainer(model_dir, evaluate=mode != "train")
   if mode == "eval":
     if not trainer.restore(checkpoint_path):
       raise FileNotFoundError(

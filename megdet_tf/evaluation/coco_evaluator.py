@@ -41,9 +41,31 @@ PREDICTION_KEYS = ("source_id", "image_info", "detection_boxes",
 
 
 def load_ground_truth(annotations_file: str) -> coco.COCO:
-  """Loads a COCO instances json as pycocotools ground truth, clear errors."""
+  """Loads a COCO instances json as pycocotools ground truth, clear errors.
+
+  Checks what the converter checks (declared image and category ids,
+  [x, y, w, h] boxes) and what COCOeval needs on top, naming the file, the
+  annotation and the field: an `area` and an `iscrowd` (else a KeyError deep
+  in COCOeval), and an `id` found once (pycocotools would keep one of the
+  annotations sharing it, which silently changes AP).
+  """
+  data = coco_tfrecord.load_annotations(annotations_file)
+  coco_tfrecord.index_annotations(data, annotations_file)
+  first_index = {}
+  for i, ann in enumerate(data["annotations"]):
+    ann_id = coco_tfrecord.required_field(ann, "id", f"annotation #{i}",
+                                          annotations_file)
+    for key in ("area", "iscrowd"):
+      coco_tfrecord.required_field(ann, key, f"annotation {ann_id}",
+                                   annotations_file)
+    if ann_id in first_index:
+      raise ValueError(
+          f"COCO annotations file {annotations_file}: annotation id {ann_id} "
+          f"appears twice in 'annotations' (#{first_index[ann_id]} and #{i}); "
+          "COCO evaluation needs distinct ids")
+    first_index[ann_id] = i
   ground_truth = coco.COCO()
-  ground_truth.dataset = coco_tfrecord.load_annotations(annotations_file)
+  ground_truth.dataset = data
   ground_truth.createIndex()
   return ground_truth
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from megdet_tf.dataloaders import prepare_shapes  # noqa: F401  pylint: disable=unused-import  (demo.gin binds it)
 from megdet_tf.dataloaders.input_reader import InputReader
+from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
 from megdet_tf.training import strategy as strategy_lib
 from megdet_tf.training import trainer as trainer_lib
 
@@ -35,14 +36,16 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
   gin.parse_config_files_and_bindings(gin_files, gin_params)
 
 
-@gin.configurable(denylist=["model_dir"])
-def build_trainer(model_dir: str, prepare_data=None,
+@gin.configurable(denylist=["model_dir", "evaluate"])
+def build_trainer(model_dir: str, evaluate: bool = False, prepare_data=None,
                   data_wait_seconds: float = 1800.0
                   ) -> trainer_lib.DetectorTrainer:
   """Data (made first by `prepare_data`, e.g. the demo's), strategy, trainer.
 
   Args:
     model_dir: the run's directory.
+    evaluate: the run will evaluate; its annotations file is checked now,
+      not after training.
     prepare_data: makes the dataset if it is missing. Only the chief runs it
       (workers that all made it at once would delete each other's files);
       the other workers wait until the chief's data is in place.
@@ -60,6 +63,8 @@ def build_trainer(model_dir: str, prepare_data=None,
       _wait_for_files((train_reader, eval_reader), data_wait_seconds)
   for reader in (train_reader, eval_reader):
     reader.check_files()  # A missing or foreign dataset fails before heavy work.
+  if evaluate:  # A malformed annotations file fails now, not after training.
+    COCOEvaluator(category_map=train_reader.parser.category_map)
   strategy = strategy_lib.build_strategy()
   return trainer_lib.DetectorTrainer(strategy, model_dir, train_reader,
                                      eval_reader)

@@ -397,6 +397,9 @@ class DetectorTrainer:
         tf.summary.scalar(f"train/{name}", value)
       tf.summary.scalar("train/learning_rate",
                         float(self.schedule(self.step - 1)))
+      # Records of this worker's input that do not decode (each counted once).
+      tf.summary.scalar("train/skipped_records",
+                        self.train_reader.skipped_records)
       if traced:
         return
       tf.summary.scalar("train/images_per_second",
@@ -407,11 +410,13 @@ class DetectorTrainer:
     """One console line; the loop that traced the step has no fair rate."""
     eta = time.strftime("%H:%M:%S",
                         time.gmtime((end - self.step) * elapsed / steps))
+    skipped = self.train_reader.skipped_records
     logging.info(
-        "step %d/%d  loss %.4f  lr %.4g  %s", self.step, end,
+        "step %d/%d  loss %.4f  lr %.4g  %s%s", self.step, end,
         losses["total_loss"], float(self.schedule(self.step - 1)),
         f"traced and ran in {elapsed:.0f} s" if traced else
-        f"{steps * self.global_batch_size / elapsed:.1f} img/s  ETA {eta}")
+        f"{steps * self.global_batch_size / elapsed:.1f} img/s  ETA {eta}",
+        f"  skipped {skipped} undecodable records" if skipped else "")
 
   def evaluate(self) -> Dict[str, float]:
     """COCO metrics of the current weights on the eval split."""

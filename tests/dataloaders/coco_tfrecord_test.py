@@ -200,7 +200,45 @@ def test_wrong_image_dir_size_or_content(tmp_path):
   with open(os.path.join(image_dir, "gray.jpg"), "wb") as f:
     f.write(b"not an image")
   with pytest.raises(ValueError, match="gray.jpg is not a readable image"):
-    coco_tfrecord.convert_coco(image_dir, path, str(tmp_path / "o"))
+    coco_tfrecord.convert_coco(image_dir, path, str(tmp_path / "o"),
+                               strict=True)
+
+
+def test_truncated_image_is_skipped_and_listed_or_fails_strict(tmp_path):
+  image_dir, path = _write_coco(str(tmp_path), _IMAGES[:3], None)
+  with open(os.path.join(image_dir, "rgb.jpg"), "rb") as f:
+    encoded = f.read()
+  with open(os.path.join(image_dir, "rgb.jpg"), "wb") as f:
+    f.write(encoded[:len(encoded) // 2])  # The header reads, the pixels don't.
+  prefix = str(tmp_path / "o" / "train")
+  summary = coco_tfrecord.convert_coco(image_dir, path, prefix, 2)
+  assert summary.corrupt_images == ("rgb.jpg",)
+  assert summary.images == 2
+  assert "rgb.jpg" in str(summary)
+  assert sorted(int(e["source_id"].numpy())
+                for examples in _read_shards(prefix).values()
+                for e in examples) == [3, 7]
+  with pytest.raises(ValueError, match="rgb.jpg does not decode"):
+    coco_tfrecord.convert_coco(image_dir, path, prefix, 2, strict=True)
+
+
+def test_interrupted_conversion_leaves_no_final_shard(tmp_path):
+  image_dir, path = _write_coco(str(tmp_path), _IMAGES[:3], None)
+  with open(path) as f:
+    coco = json.load(f)
+  coco["images"][2]["width"] += 1  # Fails after two images are written.
+  with open(path, "w") as f:
+    json.dump(coco, f)
+  output_dir = tmp_path / "o"
+  with pytest.raises(ValueError, match="rgba.png is 16x12 pixels"):
+    coco_tfrecord.convert_coco(image_dir, path, str(output_dir / "train"), 2)
+  assert os.listdir(output_dir) == []
+  coco["images"][2]["width"] -= 1
+  with open(path, "w") as f:
+    json.dump(coco, f)
+  coco_tfrecord.convert_coco(image_dir, path, str(output_dir / "train"), 2)
+  assert sorted(os.listdir(output_dir)) == [
+      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
 
 
 def test_cli_prints_summary(tmp_path):
@@ -220,6 +258,15 @@ def test_cli_prints_summary(tmp_path):
        f"--output_prefix={prefix}"], capture_output=True, text=True)
   assert result.returncode != 0
   assert "instances.json.missing does not exist" in result.stderr
+  with open(os.path.join(image_dir, "rgb.jpg"), "r+b") as f:
+    f.truncate(os.path.getsize(f.name) // 2)
+  result = subprocess.run(
+      [sys.executable, os.path.join(_REPO, "tools", "create_coco_tfrecord.py"),
+       f"--image_dir={image_dir}", f"--annotations_file={path}",
+       f"--output_prefix={prefix}", "--strict"],
+      capture_output=True, text=True, check=False)
+  assert result.returncode != 0
+  assert "rgb.jpg does not decode" in result.stderr
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -13,8 +13,12 @@ from megdet_tf.dataloaders.input_reader import InputReader
 NUM_IMAGES = 10
 
 
-def write_shards(directory, num_shards):
-  """Writes NUM_IMAGES examples (source ids 1..N; image 5 has no box)."""
+def write_shards(directory, num_shards, truncated_image_id=None):
+  """Writes NUM_IMAGES examples (source ids 1..N; image 5 has no box).
+
+  With `truncated_image_id`, shard 0 ends with one more example, whose
+  `image/encoded` is a JPEG cut in half.
+  """
   writers = [tf.io.TFRecordWriter(str(directory / f"s-{i:05d}.tfrecord"))
              for i in range(num_shards)]
   rng = np.random.default_rng(0)
@@ -28,6 +32,16 @@ def write_shards(directory, num_shards):
                               [0.2] * num_boxes, [0.9] * num_boxes,
                               [7] * num_boxes)
     writers[image_id % num_shards].write(builder.example.SerializeToString())
+  if truncated_image_id is not None:
+    builder = tf_example_builder.TfExampleBuilder()
+    builder.add_image_matrix_feature(
+        rng.integers(0, 255, (40, 60, 3), np.uint8), "JPEG",
+        str(truncated_image_id).encode())
+    builder.add_boxes_feature([0.1], [0.6], [0.2], [0.9], [7])
+    example = builder.example
+    encoded = example.features.feature["image/encoded"].bytes_list.value
+    encoded[0] = encoded[0][:len(encoded[0]) // 2]
+    writers[0].write(example.SerializeToString())
   for writer in writers:
     writer.close()
   return str(directory / "s-*.tfrecord")
@@ -120,3 +134,55 @@ def test_deterministic_resume_reads_what_an_uninterrupted_run_reads(tmp_path):
   uninterrupted = [b[0].numpy() for b in reader().take(5)]
   resumed = [b[0].numpy() for b in reader(start_step=3).take(2)]
   np.testing.assert_array_equal(np.stack(uninterrupted[3:]), np.stack(resumed))
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_a_truncated_shard_is_named(tmp_path, cut):
+  pattern = write_shards(tmp_path, 2)
+  path = tmp_path / "s-00001.tfrecord"
+  records = [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
+  last = sum(len(r) + 16 for r in records[:-1])  # Offset of the last record.
+  with open(path, "r+b") as f:
+    f.truncate(last + (12 + len(records[-1]) // 2 if cut == "data" else 5))
+  reader = make_reader(pattern, global_batch_size=2)
+  with pytest.raises(ValueError, match=r"s-00001.tfrecord .* is truncated"
+                     r".*create_coco_tfrecord"):
+    reader.check_files()
+
+
+def test_a_partial_shard_of_an_interrupted_conversion_is_named(tmp_path):
+  write_shards(tmp_path, 2)
+  (tmp_path / "s-00002.tfrecord.partial").write_bytes(b"")
+  reader = make_reader(str(tmp_path / "s-*"), global_batch_size=2)
+  with pytest.raises(ValueError, match=r"s-00002.tfrecord.partial .* "
+                     "interrupted conversion"):
+    reader.check_files()
+
+
+def test_undecodable_records_are_skipped_once_keeping_the_order(tmp_path):
+  (tmp_path / "good").mkdir()
+  (tmp_path / "bad").mkdir()
+  good = write_shards(tmp_path / "good", 3)
+  bad = write_shards(tmp_path / "bad", 3, truncated_image_id=99)
+  reader = make_reader(bad, is_training=False, global_batch_size=4)
+  assert sorted(source_ids(reader())) == list(range(1, NUM_IMAGES + 1))
+  assert reader.skipped_records == 1
+
+  def training_images(pattern):
+    reader = make_reader(pattern, is_training=True, global_batch_size=2,
+                         deterministic=True, seed=3)
+    # 10 batches of 2 from 9 images with boxes: more than two epochs.
+    return reader, np.concatenate([b[0].numpy() for b in reader().take(10)])
+  reader, images = training_images(bad)
+  # The bad record ends its shard, so the good ones come in the same order.
+  np.testing.assert_array_equal(images, training_images(good)[1])
+  assert reader.skipped_records == 1  # Read in every epoch, counted once.
+
+
+def test_more_undecodable_records_than_allowed_is_a_clear_error(tmp_path):
+  reader = make_reader(write_shards(tmp_path, 2, truncated_image_id=99),
+                       is_training=False, global_batch_size=2,
+                       max_skipped_records=0)
+  with pytest.raises(tf.errors.OpError, match=r"(?s)s-\*\.tfrecord.*"
+                     "create_coco_tfrecord"):
+    source_ids(reader())

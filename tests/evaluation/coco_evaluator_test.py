@@ -195,6 +195,28 @@ def test_category_ids_must_match_the_file(ground_truth_file):
                                  CategoryMap(_CATEGORY_IDS))
 
 
+def _pop(key):
+  return lambda anns: anns[3].pop(key)
+
+
+@pytest.mark.parametrize("change, message", [
+    (_pop("area"), "annotation 4 has no 'area' field"),
+    (_pop("iscrowd"), "annotation 4 has no 'iscrowd' field"),
+    (_pop("id"), "annotation #3 has no 'id' field"),
+    (lambda anns: anns[3].update(id=2),
+     r"annotation id 2 appears twice in 'annotations' \(#1 and #3\)"),
+], ids=["no_area", "no_iscrowd", "no_id", "duplicate_id"])
+def test_annotations_that_would_break_or_change_ap_are_named(
+    ground_truth_file, tmp_path, change, message):
+  with open(ground_truth_file) as f:
+    data = json.load(f)
+  change(data["annotations"])
+  path = tmp_path / "instances_val.json"
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match=f"{path}: {message}"):
+    coco_evaluator.COCOEvaluator(str(path), CategoryMap(_CATEGORY_IDS))
+
+
 def test_bad_updates_and_results(ground_truth_file):
   category_map = CategoryMap(_CATEGORY_IDS)
   evaluator = coco_evaluator.COCOEvaluator(ground_truth_file, category_map)
