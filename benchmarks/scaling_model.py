@@ -48,7 +48,8 @@ from megdet_tf.training import trainer  # noqa: F401  pylint: disable=unused-imp
 flags.DEFINE_multi_string("gin_file", ["gin/megdet_bs256.gin"],
                           "Gin files of the detector and schedule.")
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings.")
-flags.DEFINE_list("gpus", ["8", "16", "32", "64", "128"], "GPU counts.")
+flags.DEFINE_list("gpus", ["8", "16", "32", "64", "128", "256"],
+                  "GPU counts.")
 flags.DEFINE_integer("images_per_gpu", 2, "Images per GPU and step.")
 flags.DEFINE_integer("gpus_per_machine", 8, "GPUs per machine = CGBN group.")
 flags.DEFINE_float("nvlink_gb_per_s", 130.0,

@@ -43,7 +43,7 @@ def projected_hours() -> Dict[int, float]:
   if not os.path.exists(SCALING_MODEL):
     return {}
   with open(SCALING_MODEL) as f:
-    rows = json.load(f).get("scaling_model", {}).get("rows", [])
+    rows = json.load(f).get("scaling_model", {}).get("figures", [])
   return {row["batch"]: row["hours"] for row in rows}
 
 

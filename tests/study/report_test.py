@@ -58,6 +58,8 @@ def test_tables_show_outcomes_seeds_and_realisations(output_dir):
   table3 = (output_dir / "table3.md").read_text()
   assert "| 16 | 8 | 8 x 2, groups of 4 | 0.02 | 0.450 | 0.650 |" in table3
   assert "| 256 | 32 | 8 x 32, groups of 1 | 0.32 | 0.470 |" in table3
+  hours = report.projected_hours()  # benchmarks/results.json's model.
+  assert f"| 10.0 min | {hours[256]:.1f} h on 128 GPUs |" in table3
   assert "trained at commit aaaaaaaaaa on test CPU, 2 cores" in table3
   assert "No run recorded yet." in (output_dir / "fig4.md").read_text()
 
