@@ -106,6 +106,19 @@ def test_mirrored_steps_lower_the_loss_and_keep_replicas_identical(tmp_path):
 
 
 @pytest.mark.slow
+def test_one_image_per_replica_trains(tmp_path):
+  """2 replicas x 1 image: batch 1 met a oneDNN heap corruption in the
+  8-channel strided shortcut's weight gradient (see layers/conv2d.py)."""
+  result = run([TRAIN_STEPS, str(tmp_path / "run"), "3"] +
+               tiny_params(str(tmp_path / "data"), replicas=2,
+                           GLOBAL_BATCH_SIZE=2))
+  assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+  report = json.loads(result.stdout.split("RESULT ")[-1])
+  assert report["num_replicas"] == 2
+  assert len(report["losses"]) == 3 and all(np.isfinite(report["losses"]))
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
   data = str(tmp_path / "data")
   # Model Garden's RoIAlign: its backward pass is bitwise reproducible, so

@@ -7,12 +7,12 @@ import tensorflow as tf
 from megdet_tf.modeling.layers import Conv2D
 
 
-def _pair(**kwargs):
-  """Keras' Conv2D and ours with the same weights, built for 5 channels."""
+def _pair(channels=5, **kwargs):
+  """Keras' Conv2D and ours with the same weights, built for `channels`."""
   keras = tf.keras.layers.Conv2D(**kwargs)
   ours = Conv2D(**kwargs)
   for layer in (keras, ours):
-    layer.build([None, None, None, 5])
+    layer.build([None, None, None, channels])
   ours.set_weights([np.random.default_rng(0).normal(size=w.shape)
                     for w in keras.get_weights()])
   keras.set_weights(ours.get_weights())
@@ -76,14 +76,43 @@ def test_pointwise_conv_under_mixed_bfloat16_and_unknown_shapes():
                              atol=2e-2)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("strides", [2, (2, 3)])
+def test_strided_pointwise_conv_over_few_channels_avoids_onednn(strides,
+                                                                padding):
+  """oneDNN's weight gradient of this conv corrupts the heap: not run, so
+  the reference is NumPy's."""
+  keras, ours = _pair(channels=8, filters=16, kernel_size=1, strides=strides,
+                      padding=padding)
+  x = tf.random.stateless_normal([1, 9, 7, 8], seed=[6, 7])
+  (output, grads), graph = _output_and_gradients(ours, x)
+  assert not {"Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter"} & (
+      _op_types(graph))
+  # Keras' forward pass is safe.
+  np.testing.assert_allclose(output, keras(x), rtol=1e-5, atol=1e-5)
+  sh, sw = ours.strides
+  kernel, bias = (w.numpy() for w in ours.weights)
+  subsampled = x.numpy()[:, ::sh, ::sw]
+  expected = subsampled @ kernel[0, 0] + bias
+  dy = 2 * expected  # Of the loss, sum(y ** 2).
+  dx = np.zeros(x.shape, np.float32)
+  dx[:, ::sh, ::sw] = dy @ kernel[0, 0].T
+  expected_grads = [dx, np.einsum("bhwc,bhwo->co", subsampled, dy)[None, None],
+                    dy.sum(axis=(0, 1, 2))]
+  np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
+  for grad, expected_grad in zip(grads, expected_grads):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(kernel_size=3, padding="same"),
-    dict(kernel_size=1, strides=2),
+    dict(kernel_size=1, strides=2, channels=16),
     dict(kernel_size=1, dilation_rate=2),
 ])
 def test_other_convs_are_keras_own(kwargs):
+  channels = kwargs.get("channels", 5)
   keras, ours = _pair(filters=4, **kwargs)
-  x = tf.random.stateless_normal([2, 8, 8, 5], seed=[4, 5])
+  x = tf.random.stateless_normal([2, 8, 8, channels], seed=[4, 5])
   (expected, expected_grads), _ = _output_and_gradients(keras, x)
   (output, grads), graph = _output_and_gradients(ours, x)
   assert not ours.is_pointwise
