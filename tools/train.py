@@ -7,8 +7,9 @@ r"""Trains and/or evaluates a MegDet detector from Gin files.
 
 `--gin_file` and `--gin_param` repeat and compose; files `include` others
 by paths relative to the repository root (`gin/model/demo.gin`), from any
-working directory. Training
-resumes from the latest checkpoint in `--model_dir`.
+working directory. Training resumes from the latest checkpoint in
+`--model_dir`. Exit codes: 3 = diverged, 42 = preempted (SIGTERM; the step
+was saved, run again to resume).
 """
 import os
 import sys
@@ -32,8 +33,6 @@ flags.DEFINE_string("checkpoint_path", None,
                     "Checkpoint to evaluate (default: latest in model_dir).")
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
-
-EXIT_DIVERGED = 3
 
 
 def run(model_dir, mode, max_steps=None, checkpoint_path=None):
@@ -72,7 +71,10 @@ def main(argv):
     run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)
   except trainer_lib.TrainingDivergedError as e:
     logging.error("%s", e)
-    exit_code = EXIT_DIVERGED
+    exit_code = trainer_lib.EXIT_DIVERGED
+  except trainer_lib.PreemptedError as e:
+    logging.warning("%s", e)
+    exit_code = trainer_lib.EXIT_PREEMPTED
   # Everything is saved and flushed; skip Python's teardown of the traced
   # graphs, which takes minutes for a replicated detector.
   logging.flush()

@@ -47,8 +47,18 @@ DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes",
                   "num_detections")
 
 
+# tools/train.py's exit codes for the two ends a job scheduler acts on; 42 is
+# TensorFlow's restart code for a preempted job (its Borg default).
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 42
+
+
 class TrainingDivergedError(RuntimeError):
   """The loss became non-finite or exploded; no diverged checkpoint is left."""
+
+
+class PreemptedError(RuntimeError):
+  """A worker got SIGTERM; every worker saved the same step and stopped."""
 
 
 def _check_compilable(model: tf.keras.Model, strategy: tf.distribute.Strategy):
@@ -233,6 +243,25 @@ class DetectorTrainer:
     return self.strategy.experimental_local_results(
         self.strategy.run(replica_fn))[0]
 
+  @functools.cached_property
+  def _preemption(self):
+    """TensorFlow's preemption handler over the trainer's checkpoints.
+
+    On SIGTERM to any worker, all workers agree on a step, save it with
+    `_save` and raise `PreemptedError`. Made after `resume_or_initialize`:
+    the handler restores the latest checkpoint when made, which must not
+    happen before that checkpoint is known to fit the model.
+    """
+    def exit_fn():
+      raise PreemptedError(
+          f"Preempted (SIGTERM): saved step {self.step} in {self.model_dir}; "
+          "run the same command again to resume from it.")
+    with self.strategy.scope():
+      return tf.distribute.experimental.PreemptionCheckpointHandler(
+          self.strategy.cluster_resolver, self.checkpoint_manager,
+          termination_config=tf.distribute.experimental.TerminationConfig(
+              exit_fn=exit_fn, save_fn=self._save))
+
   def _save(self):
     self.checkpoint_manager.save(checkpoint_number=self.step)
     if not self.is_chief:
@@ -352,6 +381,7 @@ class DetectorTrainer:
     See `resume_or_initialize` for where it starts.
     """
     self.resume_or_initialize()
+    preemption = self._preemption  # Watches SIGTERM from here on.
     diverged = os.path.join(self.model_dir, DIVERGED_FILE)
     if self.is_chief and os.path.exists(diverged):
       os.remove(diverged)
@@ -375,6 +405,7 @@ class DetectorTrainer:
       traced = False
       if self.step % self._checkpoint_every_steps == 0 or self.step >= end:
         self._save()
+      preemption.save_checkpoint_if_preempted()
       if (evaluate and self._eval_every_steps and self.step < end and
           self.step % self._eval_every_steps == 0):
         self.evaluate()

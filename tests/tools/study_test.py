@@ -16,7 +16,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 STUDY = os.path.join(REPO, "tools", "study.py")
-TIMEOUT = 900
+TIMEOUT = 1800  # A guard against hangs; a loaded 2-core machine needs ~15 min.
 TINY = {
     "prepare_shapes_dataset.num_train": 40,
     "prepare_shapes_dataset.num_val": 8,

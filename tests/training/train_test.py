@@ -119,7 +119,8 @@ def test_one_image_per_replica_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_killed_or_preempted_run_resumes_to_the_uninterrupted_weights(
+    tmp_path):
   data = str(tmp_path / "data")
   # Model Garden's RoIAlign: its backward pass is bitwise reproducible, so
   # resuming can be compared with an uninterrupted run.
@@ -155,6 +156,34 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
   for name, value in ref_weights.items():
     np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-6,
                                err_msg=name)
+
+  # Preemption: SIGTERM saves the step it reached and exits with 42; the
+  # restart continues the schedule and the data order exactly.
+  preempted = tmp_path / "preempted"
+  never = ["--gin_param=DetectorTrainer.checkpoint_every_steps=100"]
+  process = subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable] + train_cmd(preempted, params, steps) + never,
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in process.stderr:
+    lines.append(line)
+    if " step 3/" in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  else:
+    pytest.fail("The run ended before step 3:\n" + "".join(lines[-50:]))
+  rest = process.communicate(timeout=120)[1]
+  assert process.returncode == 42, rest[-3000:]
+  assert "run the same command again to resume" in rest
+  saved_at, _ = checkpoint_weights(str(preempted))
+  assert int(saved_at.rsplit("-", 1)[1]) in (4, 5, 6, 7), saved_at
+  resumed = run(train_cmd(preempted, params, steps) + never)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Restored {saved_at}" in resumed.stderr
+  _, preempted_weights = checkpoint_weights(str(preempted))
+  for name, value in ref_weights.items():
+    np.testing.assert_allclose(preempted_weights[name], value, rtol=1e-4,
+                               atol=1e-6, err_msg=name)
 
   # Divergence: an absurd learning rate from the finished run's checkpoint.
   diverged = run(train_cmd(interrupted, params, "--max_steps=12") +
