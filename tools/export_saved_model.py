@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["checkpoint_path", "export_dir"])
 
 def main(argv):
   del argv
-  experiment.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+  experiment.parse_gin_flags()
   try:
     path = export_lib.export_saved_model(FLAGS.checkpoint_path,
                                          FLAGS.export_dir, FLAGS.version)

@@ -101,7 +101,7 @@ def build_predictor() -> predictor_lib.Predictor:
   if not FLAGS.gin_file:
     raise app.UsageError("--checkpoint_path needs the --gin_file (and "
                          "--gin_param) the model was trained with")
-  experiment.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+  experiment.parse_gin_flags()
   return predictor_lib.Predictor.from_checkpoint(FLAGS.checkpoint_path)
 
 

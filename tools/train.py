@@ -63,9 +63,8 @@ def run(model_dir, mode, max_steps=None, checkpoint_path=None):
 
 def main(argv):
   del argv
-  experiment.parse_gin(FLAGS.gin_file, FLAGS.gin_param)
+  experiment.parse_gin_flags()
   os.makedirs(FLAGS.model_dir, exist_ok=True)
-  logging.info("Gin config:\n%s", gin.config_str())
   exit_code = 0
   try:
     run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)

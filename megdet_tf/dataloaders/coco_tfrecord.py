@@ -292,6 +292,8 @@ def convert_coco(image_dir: str,
                        for i in range(num_shards))
   counts = collections.Counter()
   skipped, corrupt = [], []
+  # About ten progress lines whatever the split's size.
+  log_every = max(1000, len(images) // 10)
   partial_files = [path + PARTIAL_SUFFIX for path in output_files]
   writers = [tf.io.TFRecordWriter(path) for path in partial_files]
   completed = False
@@ -317,7 +319,7 @@ def convert_coco(image_dir: str,
                             category_names, counts)
       writers[(counts["images"] - 1) % num_shards].write(
           example.SerializeToString())
-      if counts["images"] % tfrecord_lib.LOG_EVERY == 0:
+      if counts["images"] % log_every == 0:
         logging.info("Wrote %d of %d images", counts["images"], len(images))
     if images and len(skipped) == len(images):
       raise FileNotFoundError(

@@ -15,6 +15,8 @@ with at most 100 detections per image). A metric with no ground truth to
 measure (COCOeval's -1, e.g. APs on a set without small objects) is NaN, and
 null in JSON.
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -38,6 +40,11 @@ METRICS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5,
            "AR100": 8}
 PREDICTION_KEYS = ("source_id", "image_info", "detection_boxes",
                    "detection_classes", "detection_scores", "num_detections")
+
+
+def _quiet():
+  """Hides pycocotools' progress prints ("creating index...", "DONE")."""
+  return contextlib.redirect_stdout(io.StringIO())
 
 
 def load_ground_truth(annotations_file: str) -> coco.COCO:
@@ -66,7 +73,8 @@ def load_ground_truth(annotations_file: str) -> coco.COCO:
     first_index[ann_id] = i
   ground_truth = coco.COCO()
   ground_truth.dataset = data
-  ground_truth.createIndex()
+  with _quiet():
+    ground_truth.createIndex()
   return ground_truth
 
 
@@ -107,19 +115,20 @@ def coco_box_metrics(ground_truth: coco.COCO,
     {name: value} for the names in `METRICS`.
   """
   _check_detections(ground_truth, detections)
-  if detections:
-    results = ground_truth.loadRes([dict(d) for d in detections])
-  else:  # loadRes cannot take an empty list.
-    results = coco.COCO()
-    results.dataset = {"images": ground_truth.dataset["images"],
-                       "categories": ground_truth.dataset["categories"],
-                       "annotations": []}
-    results.createIndex()
-  evaluation = cocoeval.COCOeval(ground_truth, results, iouType="bbox")
-  if image_ids is not None:
-    evaluation.params.imgIds = sorted(image_ids)
-  evaluation.evaluate()
-  evaluation.accumulate()
+  with _quiet():
+    if detections:
+      results = ground_truth.loadRes([dict(d) for d in detections])
+    else:  # loadRes cannot take an empty list.
+      results = coco.COCO()
+      results.dataset = {"images": ground_truth.dataset["images"],
+                         "categories": ground_truth.dataset["categories"],
+                         "annotations": []}
+      results.createIndex()
+    evaluation = cocoeval.COCOeval(ground_truth, results, iouType="bbox")
+    if image_ids is not None:
+      evaluation.params.imgIds = sorted(image_ids)
+    evaluation.evaluate()
+    evaluation.accumulate()
   evaluation.summarize()
   return {name: float(evaluation.stats[i]) if evaluation.stats[i] >= 0
           else math.nan for name, i in METRICS.items()}

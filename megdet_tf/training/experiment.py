@@ -23,11 +23,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def define_gin_flags():
-  """--gin_file and --gin_param, as every tool takes them."""
+  """--gin_file, --gin_param and --tf_log_level, as every tool takes them."""
   flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable; "
                             "later ones override earlier ones).")
   flags.DEFINE_multi_string("gin_param", [], "Gin bindings (repeatable), e.g. "
                             "--gin_param=DetectorTrainer.steps_per_loop=50.")
+  flags.DEFINE_enum("tf_log_level", "error", ["debug", "info", "warning",
+                                              "error"],
+                    "TensorFlow's own Python logging (its C++ logging: "
+                    "TF_CPP_MIN_LOG_LEVEL=0). The tools' progress is "
+                    "--verbosity's.")
+
+
+def parse_gin_flags():
+  """Parses the Gin flags and sets TensorFlow's log level from the flags."""
+  tf.get_logger().setLevel(flags.FLAGS.tf_log_level.upper())
+  parse_gin(flags.FLAGS.gin_file, flags.FLAGS.gin_param)
 
 
 def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
