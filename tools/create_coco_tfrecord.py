@@ -17,7 +17,7 @@ See megdet_tf/dataloaders/coco_tfrecord.py.
 """
 import sys
 
-import megdet_tf  # pylint: disable=unused-import  # Before TensorFlow.
+import megdet_tf  # noqa: F401  (before TensorFlow)
 
 from absl import app
 from absl import flags

@@ -17,7 +17,7 @@ detections. Detections are COCO results (image_id, category_id, bbox
 import json
 import sys
 
-import megdet_tf  # pylint: disable=unused-import  # Before TensorFlow.
+import megdet_tf  # noqa: F401  (before TensorFlow)
 
 from absl import app
 from absl import flags

@@ -2,7 +2,7 @@
 import logging
 import os
 
-import megdet_tf  # pylint: disable=unused-import  (Keras 2 before TensorFlow)
+import megdet_tf  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -13,7 +13,7 @@ reference and writes the largest errors and its BN collectives to OUT.json.
 import json
 import sys
 
-import megdet_tf  # pylint: disable=unused-import  (Keras 2 before TensorFlow)
+import megdet_tf  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 import tensorflow as tf
 
