@@ -131,7 +131,7 @@ def build_ours(model_file, size, model_dir, gin_params=()):
       "ResNet.freeze_at=0", "ResNet.stride_in_1x1=False",
       "load_keras_applications_resnet.path=None",
       "build_strategy.kind='one_device'",
-      f"DetectorTrainer.mixed_precision={precision!r}",
+      f"configure_process.mixed_precision={precision!r}",
       f"DetectorTrainer.steps_per_loop={FLAGS.steps}",
       f"DetectorTrainer.checkpoint_every_steps={10 ** 6}",
       f"DetectorTrainer.log_every_seconds={10 ** 6}", *gin_params,

@@ -68,7 +68,7 @@ def _demo_params(root: str):
           repr(f"{root}/annotations/instances_train.json"),
       "train/InputReader.deterministic": True,
       "train/InputReader.seed": 0,
-      "DetectorTrainer.seed": 0,
+      "configure_process.seed": 0,
       "DetectionParser.aug_rand_hflip": False,
       "DetectionParser.short_side": DEMO_SIZE,
       "DetectionParser.long_side": DEMO_SIZE,

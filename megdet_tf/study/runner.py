@@ -176,7 +176,7 @@ class StudyRunner:
         f"build_strategy.num_cpu_replicas = {realised['replicas']}",
         f"build_lr_schedule.policy = '{run.policy}'",
         f"build_lr_schedule.peak_scale = {run.peak_scale}",
-        f"DetectorTrainer.seed = {run.seed}",
+        f"configure_process.seed = {run.seed}",
         f"train/InputReader.seed = {run.seed}",
         "initialize_from_checkpoint.init_checkpoint = "
         f"'{self.model_dir(PRETRAIN)}'",

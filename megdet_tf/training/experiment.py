@@ -6,7 +6,7 @@ so that tools work from any directory.
 """
 import os
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import flags
 import gin
@@ -47,6 +47,23 @@ def parse_gin(gin_files: Sequence[str], gin_params: Sequence[str]):
   gin.parse_config_files_and_bindings(gin_files, gin_params)
 
 
+@gin.configurable
+def configure_process(seed: Optional[int] = None,
+                      mixed_precision: Optional[str] = None):
+  """Process-wide setup, done once before anything is built.
+
+  Args:
+    seed: seeds Python, NumPy and TensorFlow (weight initialisation and
+      random ops) for repeatable runs; None = a fresh random start.
+    mixed_precision: Keras' global dtype policy: None (float32),
+      `mixed_bfloat16` or `mixed_float16` (the trainer adds loss scaling).
+  """
+  if seed is not None:
+    tf.keras.utils.set_random_seed(seed)
+  if mixed_precision:
+    tf.keras.mixed_precision.set_global_policy(mixed_precision)
+
+
 @gin.configurable(denylist=["model_dir", "evaluate"])
 def build_trainer(model_dir: str, evaluate: bool = False, prepare_data=None,
                   data_wait_seconds: float = 1800.0
@@ -77,6 +94,7 @@ def build_trainer(model_dir: str, evaluate: bool = False, prepare_data=None,
   if evaluate:  # A malformed annotations file fails now, not after training.
     COCOEvaluator(category_map=train_reader.parser.category_map)
   strategy = strategy_lib.build_strategy()
+  configure_process()  # After the strategy has set up the devices.
   return trainer_lib.DetectorTrainer(strategy, model_dir, train_reader,
                                      eval_reader)
 

@@ -92,11 +92,9 @@ class DetectorTrainer:
                eval_every_steps: int = 0,
                log_every_seconds: float = 10.0,
                max_loss: float = 1e3,
-               mixed_precision: Optional[str] = None,
                jit_compile: bool = False,
                eval_steps: Optional[int] = None,
-               num_summary_images: int = 4,
-               seed: Optional[int] = None):
+               num_summary_images: int = 4):
     """Builds model, optimizer, data and checkpointing under `strategy`.
 
     Args:
@@ -111,14 +109,10 @@ class DetectorTrainer:
         end only.
       log_every_seconds: console progress period.
       max_loss: a total loss above this counts as divergence.
-      mixed_precision: None, `mixed_bfloat16` or `mixed_float16` (the latter
-        with dynamic loss scaling).
       jit_compile: XLA-compile the per-replica step.
       eval_steps: evaluate on this many batches only (None: the whole split).
       num_summary_images: validation images shown with their ground-truth
         and detected boxes in TensorBoard at each evaluation (0: none).
-      seed: seeds Python, NumPy and TensorFlow (weight initialisation and
-        random ops) for repeatable runs; None = a fresh random start.
     """
     self.strategy = strategy
     self.model_dir = model_dir
@@ -131,10 +125,6 @@ class DetectorTrainer:
     self._jit_compile = jit_compile
     self._eval_steps = eval_steps
     self._num_summary_images = num_summary_images
-    if seed is not None:
-      tf.keras.utils.set_random_seed(seed)
-    if mixed_precision:
-      tf.keras.mixed_precision.set_global_policy(mixed_precision)
 
     self.train_reader = train_reader
     self.eval_reader = eval_reader
@@ -151,7 +141,8 @@ class DetectorTrainer:
       # replaces them.
       load_keras_applications_resnet(self.model.backbone)
       self.optimizer = optimizer_lib.build_training_optimizer(self.schedule)
-      if mixed_precision == "mixed_float16":
+      # The dtype policy is the process's (experiment.configure_process).
+      if tf.keras.mixed_precision.global_policy().name == "mixed_float16":
         self.optimizer = tf.keras.mixed_precision.LossScaleOptimizer(
             self.optimizer)
       self.checkpoint = tf.train.Checkpoint(model=self.model,

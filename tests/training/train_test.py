@@ -38,7 +38,7 @@ def tiny_params(data_dir, replicas=1, **overrides):
           repr(f"{data_dir}/annotations/instances_val.json"),
       "train/InputReader.deterministic": True,
       "train/InputReader.seed": 1,
-      "DetectorTrainer.seed": 1,
+      "configure_process.seed": 1,
       "train/InputReader.drop_images_without_boxes": False,
       "DetectionParser.aug_rand_hflip": False,
       "DetectionParser.short_side": 64,
