@@ -17,6 +17,7 @@ rename it "train <step_num>"), so `allreduce_report` can turn the trace into
 per-step figures.
 """
 import contextlib
+import time
 from typing import Iterator, List, Optional, Tuple
 
 from absl import logging
@@ -25,6 +26,7 @@ import tensorflow as tf
 
 # The name of the loop-call events in the trace.
 TRAIN_EVENT = "train"
+_SETTLE_SECONDS = 0.1  # See ProfileWindow._stop.
 
 
 @gin.configurable(denylist=["logdir", "capture"])
@@ -92,6 +94,10 @@ class ProfileWindow:
       self._stop()
 
   def _stop(self):
+    # An async kernel (every collective) records its trace event after it
+    # has delivered its outputs, so the loop call can return, and the
+    # profiler stop, before the last collective's event is in: let it land.
+    time.sleep(_SETTLE_SECONDS)
     tf.profiler.experimental.stop()
     self._running = False
     logging.info("Profile written under %s/plugins/profile", self.logdir)
