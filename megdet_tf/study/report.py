@@ -9,7 +9,7 @@ import collections
 import glob
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import matplotlib
 matplotlib.use("Agg")
@@ -24,6 +24,7 @@ _TITLES = {
     "table2": "Table 2 at small scale: BN frozen, linear scaling + warmup",
     "table3": "Table 3 at small scale: cross-replica BN (CGBN)",
     "fig4": "Figure 4 at small scale: AP per epoch, long policy",
+    "ablation": "Beyond the paper: what large batches lack at this scale",
 }
 
 
@@ -128,6 +129,21 @@ def _table3(records: Dict[str, dict]) -> List[str]:
   return lines
 
 
+def _ablation(records: Dict[str, dict]) -> List[str]:
+  lines = ["| batch | BN size | norm in FPN and heads | peak LR | warmup steps "
+           "| AP | AP50 | wall time |", "|---:|---:|---|---:|---:|---|---|---|"]
+  for record in _rows(records, grid.study_runs("ablation")):
+    spec, schedule = record["spec"], record["schedule"]
+    ap = _ap(record) if record["status"] == "converged" else _outcome(record)
+    lines.append(
+        f"| {spec['batch']} | {spec['bn_size']} | "
+        f"{'yes' if spec.get('norm_in_heads') else 'no'} | "
+        f"{schedule['peak_learning_rate']:g} | {schedule['warmup_steps']} | "
+        f"{ap} | {_ap(record, 'AP50')} | "
+        f"{_minutes(record['wall_seconds'])} |")
+  return lines
+
+
 def _fig4(records: Dict[str, dict]) -> List[str]:
   rows = _rows(records, grid.study_runs("fig4"))
   header = "| epoch | " + " | ".join(
@@ -150,9 +166,8 @@ def _epochs(record: dict, points: List[List[float]]) -> List[float]:
   return [p[0] / per_epoch for p in points]
 
 
-def _plot_table2(records: Dict[str, dict], ax):
-  runs = grid.study_runs("table2") + grid.table2_extra_seeds(
-      {n: r["status"] for n, r in records.items()})
+def _plot_losses(records: Dict[str, dict], runs: List[grid.Run], ax,
+                 title: str):
   for record in _rows(records, runs):
     curve = record["loss_curve"]
     if not curve:
@@ -162,9 +177,21 @@ def _plot_table2(records: Dict[str, dict], ax):
     if record["status"] == "failed":
       ax.plot(_epochs(record, curve[-1:]), [curve[-1][1]], "x",
               color=line.get_color(), ms=8)
-  ax.set(yscale="log", xlabel="epoch", ylabel="training loss",
-         title="BN frozen: training loss (x = divergence stop)")
-  ax.legend(fontsize=6, ncol=2)
+  ax.set(yscale="log", xlabel="epoch", ylabel="training loss", title=title)
+  if ax.lines:
+    ax.legend(fontsize=6, ncol=2)
+
+
+def _plot_table2(records: Dict[str, dict], ax):
+  runs = grid.study_runs("table2") + grid.table2_extra_seeds(
+      {n: r["status"] for n, r in records.items()})
+  _plot_losses(records, runs, ax,
+               "BN frozen: training loss (x = divergence stop)")
+
+
+def _plot_ablation(records: Dict[str, dict], ax):
+  _plot_losses(records, grid.study_runs("ablation"), ax,
+               "Training loss (x = divergence stop)")
 
 
 def _plot_table3(records: Dict[str, dict], axes):
@@ -194,23 +221,25 @@ def _plot_table3(records: Dict[str, dict], axes):
               title="Linear scaling + warmup", xticks=[16, 32, 64, 128, 256,
                                                        512])
   axes[1].set_xticklabels(["16", "32", "64", "128", "256", "512"])
-  axes[1].legend(fontsize=8)
+  if large or frozen:
+    axes[1].legend(fontsize=8)
 
 
 def _plot_fig4(records: Dict[str, dict], ax):
-  for record in _rows(records, grid.study_runs("fig4")):
+  rows = _rows(records, grid.study_runs("fig4"))
+  for record in rows:
     history = record["eval_history"]
     ax.plot([e["epoch"] for e in history], [e["AP"] for e in history], "o-",
             ms=3, label=f"batch {record['spec']['batch']}, BN "
             f"{record['spec']['bn_size']}")
-    per_epoch = record["schedule"]["steps_per_epoch"]
-    decays = [b / per_epoch for b in record["schedule"]["boundaries"]]
-  if records and _rows(records, grid.study_runs("fig4")):
-    for epoch in decays:
-      ax.axvline(epoch, color="gray", ls=":", lw=1)
+  if rows:
+    schedule = rows[0]["schedule"]
+    for boundary in schedule["boundaries"]:
+      ax.axvline(boundary / schedule["steps_per_epoch"], color="gray",
+                 ls=":", lw=1)
+    ax.legend(fontsize=8)
   ax.set(xlabel="epoch", ylabel="val AP",
          title="Long policy (dotted: LR decays)")
-  ax.legend(fontsize=8)
 
 
 def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
@@ -218,8 +247,8 @@ def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
   records = load_records(output_dir)
   written = []
   for study in studies:
-    table = {"table2": _table2, "table3": _table3, "fig4": _fig4}[study](
-        records)
+    table = {"table2": _table2, "table3": _table3, "fig4": _fig4,
+             "ablation": _ablation}[study](records)
     used = [r for r in records.values() if r["spec"] and any(
         r["name"] == run.name for run in grid.study_runs(study) +
         grid.table2_extra_seeds({n: x["status"] for n, x in
@@ -243,9 +272,8 @@ def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
 def _figure(study: str, records: Dict[str, dict], output_dir: str) -> str:
   columns = 2 if study == "table3" else 1
   fig, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4))
-  plot: Optional[object] = {"table2": _plot_table2, "table3": _plot_table3,
-                            "fig4": _plot_fig4}[study]
-  plot(records, axes)
+  {"table2": _plot_table2, "table3": _plot_table3, "fig4": _plot_fig4,
+   "ablation": _plot_ablation}[study](records, axes)
   fig.tight_layout()
   path = os.path.join(output_dir, f"{study}.png")
   fig.savefig(path, dpi=100, metadata={"Software": None})

@@ -184,6 +184,11 @@ class StudyRunner:
     ]
     if realised["group_size"]:
       lines.append(f"build_norm.group_size = {realised['group_size']}")
+    if run.warmup_epochs is not None:
+      lines.append(f"build_lr_schedule.warmup_epochs = {run.warmup_epochs}")
+    if run.norm_in_heads:
+      lines += ["FPN.use_norm = True", "RPNHead.use_norm = True",
+                "BoxHead.fc_norm = True"]
     return "\n".join(lines) + "\n"
 
   def plan(self, run: Optional[grid.Run]) -> Plan:
@@ -217,15 +222,14 @@ class StudyRunner:
 
   # --- Training --------------------------------------------------------------
 
-  def _pretrained_digest(self) -> Optional[str]:
-    record = self.load_record(PRETRAIN)
-    return record and record.get("checkpoint_sha256")
-
   def _check_pretrained(self):
     """The pretrained checkpoint is the one the finished runs started from."""
-    want = self._pretrained_digest()
+    want = (self.load_record(PRETRAIN) or {}).get("checkpoint_sha256")
     if want is None:
-      raise RuntimeError("The pretraining run has no record; train it first")
+      raise RuntimeError(
+          "The pretraining run has not finished (see "
+          f"{self.record_path(PRETRAIN)} and {self.run_dir(PRETRAIN)}/"
+          "train.log); the study runs start from its backbone")
     try:
       have = checkpoint_digest(self.model_dir(PRETRAIN))
     except FileNotFoundError as e:
