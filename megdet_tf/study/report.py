@@ -23,7 +23,8 @@ SCALING_MODEL = os.path.join(runner_lib.REPO_ROOT, "benchmarks",
 _TITLES = {
     "table2": "Table 2 at small scale: BN frozen, linear scaling + warmup",
     "table3": "Table 3 at small scale: cross-replica BN (CGBN)",
-    "fig4": "Figure 4 at small scale: AP per epoch, long policy",
+    "fig4": ("Figure 4 at small scale: AP per epoch, long policy, norm in "
+             "the FPN and heads too"),
     "ablation": "Beyond the paper: what large batches lack at this scale",
 }
 
