@@ -12,6 +12,7 @@ import os
 from typing import Dict, List, Sequence
 
 import matplotlib
+import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -43,7 +44,7 @@ def projected_hours() -> Dict[int, float]:
   if not os.path.exists(SCALING_MODEL):
     return {}
   with open(SCALING_MODEL) as f:
-    rows = json.load(f).get("scaling_model", {}).get("rows", [])
+    rows = json.load(f).get("scaling_model", {}).get("figures", [])
   return {row["batch"]: row["hours"] for row in rows}
 
 
@@ -195,6 +196,29 @@ def _plot_ablation(records: Dict[str, dict], ax):
                "Training loss (x = divergence stop)")
 
 
+def _plot_batches(ax, series: Dict[str, List[dict]]):
+  """AP against batch per series; a diverged run is an x on the floor."""
+  aps = [r["metrics"]["AP"] for rows in series.values() for r in rows
+         if r.get("metrics")]
+  floor = min(aps, default=0.5) - 0.05
+  for (label, rows), marker in zip(series.items(), "os^"):
+    rows = sorted(rows, key=lambda r: r["spec"]["batch"])
+    converged = [r for r in rows if r.get("metrics")]
+    line, = ax.plot([r["spec"]["batch"] for r in converged],
+                    [r["metrics"]["AP"] for r in converged], marker + "-",
+                    label=label)
+    failed = [r["spec"]["batch"] for r in rows if r["status"] == "failed"]
+    ax.plot(failed, [floor] * len(failed), "x", color=line.get_color(),
+            ms=9, mew=2)
+  ax.set(xscale="log", xlabel="batch", ylabel="val AP (x = diverged)",
+         title="Linear scaling + warmup", ylim=(floor - 0.02, None))
+  ax.set_xticks([16, 32, 64, 128, 256, 512])
+  ax.set_xticklabels(["16", "32", "64", "128", "256", "512"])
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  if any(series.values()):
+    ax.legend(fontsize=8)
+
+
 def _plot_table3(records: Dict[str, dict], axes):
   rows = _rows(records, grid.study_runs("table3"))
   small = [r for r in rows if r["spec"]["batch"] == 16 and r.get("metrics")]
@@ -204,26 +228,19 @@ def _plot_table3(records: Dict[str, dict], axes):
               title="Batch 16: BN size", xscale="symlog", xticks=[0, 2, 4, 8,
                                                                   16])
   axes[0].set_xticklabels(["0", "2", "4", "8", "16"])
-  large = [r for r in rows if r["spec"]["bn_size"] and r.get("metrics") and
-           r["spec"]["batch"] >= 16]
-  large = [r for r in large if r["spec"]["batch"] > 16 or
-           r["spec"]["bn_size"] == 16]
-  axes[1].plot([r["spec"]["batch"] for r in large],
-               [r["metrics"]["AP"] for r in large], "o-", label="CGBN")
-  frozen = collections.defaultdict(list)
-  runs = grid.study_runs("table2")
-  for record in _rows(records, runs):
-    if record["spec"]["peak_scale"] == 1.0:
-      frozen[record["spec"]["batch"]].append(
-          record["metrics"]["AP"] if record.get("metrics") else 0.0)
-  axes[1].plot(sorted(frozen), [max(frozen[b]) for b in sorted(frozen)],
-               "s--", label="BN frozen (best seed; 0 = failed)")
-  axes[1].set(xscale="log", xlabel="batch", ylabel="val AP",
-              title="Linear scaling + warmup", xticks=[16, 32, 64, 128, 256,
-                                                       512])
-  axes[1].set_xticklabels(["16", "32", "64", "128", "256", "512"])
-  if large or frozen:
-    axes[1].legend(fontsize=8)
+  axes[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  # Batch 16 enters each series with its largest BN size (16).
+  cgbn = [r for r in rows if r["spec"]["bn_size"] and (
+      r["spec"]["batch"] > 16 or r["spec"]["bn_size"] == 16)]
+  heads = [r for r in _rows(records, grid.study_runs("ablation"))
+           if r["spec"].get("norm_in_heads") and
+           r["spec"].get("warmup_epochs") is None]
+  frozen = [r for r in _rows(records, grid.study_runs("table2"))
+            if r["spec"]["peak_scale"] == 1.0 and r["spec"]["seed"] == 0]
+  series = {"CGBN in the backbone": cgbn,
+            "CGBN in backbone, FPN and heads": heads,
+            "BN frozen (seed 0)": frozen}
+  _plot_batches(axes[1], {k: v for k, v in series.items() if v})
 
 
 def _plot_fig4(records: Dict[str, dict], ax):
