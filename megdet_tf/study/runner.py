@@ -41,6 +41,7 @@ from megdet_tf.training import trainer as trainer_lib
 
 PRETRAIN = "pretrain"
 REPO_ROOT = experiment.REPO_ROOT
+EXIT_DIVERGED = 3
 FINISHED = ("converged", "failed")
 _CURVE_POINTS = 200  # Loss curve points kept in a record.
 
@@ -271,11 +272,9 @@ class StudyRunner:
                                   stdout=log, stderr=subprocess.STDOUT,
                                   check=False).returncode
     wall = self._add_wall_time(run_dir, time.time() - start)
-    if returncode < 0 or returncode == trainer_lib.EXIT_PREEMPTED:
-      how = ("preempted" if returncode > 0 else
-             f"ended by signal {-returncode}")
-      self.log(f"{plan.name}: {how}; it resumes from its checkpoint next "
-               "time")
+    if returncode < 0:
+      self.log(f"{plan.name}: ended by signal {-returncode}; it resumes "
+               "from its checkpoint next time")
       return None
     record = self._record(plan, model_dir, returncode, wall, command)
     self._write_record(record)
@@ -315,7 +314,7 @@ class StudyRunner:
       record.update(status="converged", metrics=record["eval_history"][-1])
       if plan.run is None:
         record["checkpoint_sha256"] = checkpoint_digest(model_dir)
-    elif returncode == trainer_lib.EXIT_DIVERGED:
+    elif returncode == EXIT_DIVERGED:
       with open(os.path.join(model_dir, trainer_lib.DIVERGED_FILE)) as f:
         diverged = json.load(f)
       record.update(status="failed", failed_step=diverged["step"],
