@@ -1,7 +1,7 @@
 """Distribution strategies for MegDet training, chosen by Gin.
 
 - `one_device`: the first GPU, or the CPU.
-- `mirrored`: all local GPUs with NCCL all-reduce; without GPUs, the CPU is
+- `mirrored`: all local GPUs with NCCL collectives; without GPUs, the CPU is
   split into `num_cpu_replicas` logical devices so that multi-replica
   training (and cross-replica BN) can be tried on a laptop.
 - `multi_worker`: `MultiWorkerMirroredStrategy` from `TF_CONFIG`, NCCL on
@@ -40,16 +40,18 @@ def build_strategy(kind: str = "mirrored",
     kind: one of `one_device`, `mirrored`, `multi_worker`.
     num_cpu_replicas: replicas per machine when it has no GPU (logical CPU
       devices, see `multi_worker_devices`).
-    collective_timeout_seconds: `multi_worker` collectives that wait longer
-      than this fail (a dead worker then stops the job).
+    collective_timeout_seconds: `multi_worker` collectives (the strategy's
+      and cross-replica BN's, which take its options) that wait longer than
+      this fail (a dead worker then stops the job).
   """
   gpus = tf.config.list_physical_devices("GPU")
   if kind == "one_device":
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
   if kind == "mirrored":
     if gpus:
-      return tf.distribute.MirroredStrategy(
-          cross_device_ops=tf.distribute.NcclAllReduce())
+      # TensorFlow's default: collectives with NCCL, ordered per device by
+      # launchers whose ordering cross-replica BN shares.
+      return tf.distribute.MirroredStrategy()
     multi_worker_devices.split_cpu(num_cpu_replicas)
     return tf.distribute.MirroredStrategy(
         devices=[d.name for d in tf.config.list_logical_devices("CPU")])
