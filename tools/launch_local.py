@@ -23,6 +23,9 @@ from absl import flags
 from absl import logging
 
 flags.DEFINE_integer("num_workers", 2, "Worker processes to start.")
+# No default limit: a run may legitimately take days. Lost workers are found
+# by the workers themselves (build_strategy.collective_timeout_seconds and
+# TensorFlow's heartbeats), and a worker that exits stops the others.
 flags.DEFINE_float("timeout_seconds", None,
                    "Stop all workers after this long (default: no limit).")
 FLAGS = flags.FLAGS

@@ -9,7 +9,8 @@ r"""Trains and/or evaluates a MegDet detector from Gin files.
 by paths relative to the repository root (`gin/model/demo.gin`), from any
 working directory. Training resumes from the latest checkpoint in
 `--model_dir`. Exit codes: 3 = diverged, 42 = preempted (SIGTERM; the step
-was saved, run again to resume).
+was saved, run again to resume), 1 = any other failure, e.g. another worker
+was lost (dead or stalled).
 """
 import os
 import sys
@@ -74,6 +75,9 @@ def main(argv):
   except trainer_lib.PreemptedError as e:
     logging.warning("%s", e)
     exit_code = trainer_lib.EXIT_PREEMPTED
+  except trainer_lib.PeerLostError as e:
+    logging.error("%s", e)  # TensorFlow's traceback would bury it.
+    exit_code = 1
   # Everything is saved and flushed; skip Python's teardown of the traced
   # graphs, which takes minutes for a replicated detector.
   logging.flush()

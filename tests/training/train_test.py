@@ -269,6 +269,28 @@ def test_two_localhost_workers_train_identical_weights(tmp_path):
   assert not (tmp_path / "run" / ".worker_1").exists()
 
 
+def test_a_worker_whose_peer_never_starts_stops_naming_the_timeout(tmp_path):
+  """Worker 0 of a 2-worker TF_CONFIG whose worker 1 never starts (as if it
+  failed before building its strategy): TensorFlow would wait for it (still
+  after 10 minutes, deaf to SIGTERM); the collective timeout bounds it."""
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import launch_local  # pylint: disable=g-import-not-at-top
+  params = tiny_params(str(tmp_path / "data"), **{
+      "build_strategy.kind": "'multi_worker'",
+      "build_strategy.collective_timeout_seconds": 5,
+      "GLOBAL_BATCH_SIZE": 4})
+  result = run(train_cmd(tmp_path / "run", params), timeout=300, env=dict(
+      os.environ, TF_CONFIG=launch_local.tf_config(launch_local.free_ports(2),
+                                                   0)))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert ("if one has not started its strategy within 5 s "
+          "(build_strategy.collective_timeout_seconds), this worker stops."
+          in result.stderr)
+  # faulthandler's report of where it waited.
+  assert "Timeout (0:00:05)!" in result.stderr, result.stderr[-3000:]
+  assert "in build_strategy" in result.stderr.split("Timeout (0:00:05)!")[1]
+
+
 @pytest.mark.slow
 def test_divergence_leaves_a_healthy_checkpoint_that_a_sane_restart_trains_on(
     tmp_path):

@@ -8,11 +8,12 @@ No TensorFlow library forms such groups, hence this layer.
 import functools
 import threading
 from typing import Optional, Tuple
+import weakref
 
 import tensorflow as tf
 # The collective launcher TensorFlow's own strategies use: it assigns instance
 # keys at call time and orders a device's collectives with a per-device token.
-from tensorflow.python.distribute import collective_util
+from tensorflow.python.distribute import cross_device_ops
 from tensorflow.python.distribute import cross_device_utils
 from tensorflow.python.distribute import distribute_utils
 
@@ -27,32 +28,64 @@ _MAX_GROUPS = 1 << 16
 # How group members share their rows in a traced step (see the layer).
 EXCHANGES = ("auto", "collective")
 
-_launchers = {}
+# Group launchers by the strategy launcher they follow, then (group key,
+# group size); they live as long as the strategy's launchers.
+_launchers = weakref.WeakKeyDictionary()
 # MirroredStrategy traces its replicas in threads.
 _launchers_lock = threading.Lock()
 
 
-def _launcher(group_key: int, group_size: int,
-              device: str) -> cross_device_utils.CollectiveReplicaLauncher:
-  """The launcher of `device` in group `group_key`, shared by all BN layers.
+def _strategy_launcher(
+    strategy: tf.distribute.Strategy,
+    local_index: int) -> cross_device_utils.CollectiveReplicaLauncher:
+  """The launcher of the strategy's collectives on its `local_index` device.
 
-  Sharing it means one ordering token per device and group: all BN collectives
-  of a device run in program order, the same order on every group member.
+  TensorFlow keeps it private (read here and in `_launcher` only). Group
+  collectives take its ordering token: all collectives of a device, the
+  group's and the strategy's (gradients), then run in one program order, the
+  same on every replica, so none waits for a peer stuck behind another one.
+  NCCL runs a GPU's communicators on one stream, where two
+  unordered collectives can deadlock (TF's SyncBatchNormalization hangs of
+  tensorflow#42111). They also take its options: the implementation and the
+  timeout (`build_strategy.collective_timeout_seconds`), so a dead or stalled
+  peer ends a group exchange as it ends a gradient all-reduce.
   """
+  ops = strategy.extended._cross_device_ops  # pylint: disable=protected-access
+  if not isinstance(ops, cross_device_ops.CollectiveAllReduce):
+    raise ValueError(
+        "Cross-replica BN groups exchanging through collectives need the "
+        "strategy's cross-device ops to be CollectiveAllReduce (the default "
+        "of MirroredStrategy and MultiWorkerMirroredStrategy) to order "
+        f"their collectives with the strategy's, not {type(ops).__name__}.")
+  return ops._launchers[local_index]  # pylint: disable=protected-access
+
+
+def _launcher(
+    group_key: int, group_size: int,
+    strategy_launcher: cross_device_utils.CollectiveReplicaLauncher
+) -> cross_device_utils.CollectiveReplicaLauncher:
+  """The launcher of group `group_key` on `strategy_launcher`'s device.
+
+  Shared by all BN layers; it issues the group's collectives (own group key
+  and instance keys) on the strategy launcher's ordering token and options
+  (see `_strategy_launcher`).
+  """
+  # pylint: disable=protected-access
   with _launchers_lock:
-    key = (group_key, group_size, device)
-    if key not in _launchers:
+    launchers = _launchers.setdefault(strategy_launcher, {})
+    key = (group_key, group_size)
+    if key not in launchers:
+      device = strategy_launcher._device
       collective_keys = cross_device_utils.CollectiveKeys(
           group_key_start=group_key)
       collective_keys.get_group_key([device])  # Registers device for group_key.
-      implementation = (
-          collective_util.CommunicationImplementation.NCCL
-          if "GPU" in device.upper() else
-          collective_util.CommunicationImplementation.AUTO)
-      _launchers[key] = cross_device_utils.CollectiveReplicaLauncher(
+      launcher = cross_device_utils.CollectiveReplicaLauncher(
           group_key, group_size, collective_keys, device,
-          collective_util.Options(implementation=implementation))
-    return _launchers[key]
+          strategy_launcher._options)
+      # One token per device: BN and strategy collectives in one order.
+      launcher._ordering_token = strategy_launcher._ordering_token
+      launchers[key] = launcher
+    return launchers[key]
 
 
 def _on_cpus(replica_ctx) -> bool:
@@ -178,9 +211,11 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
   shares the rows inside the traced graph (each member concatenates or adds
   its group's tensors, which live in the process's memory), which is cheaper
   than TensorFlow's CPU collectives; any other group, and every group with
-  "collective", runs collectives over its own devices (own group keys, NCCL
-  on GPUs). Every member computes the same merged statistics from the same
-  gathered tensor, so its copy of the moving statistics (SyncOnRead
+  "collective", runs collectives over its own devices: own group keys, and
+  the strategy's implementation (NCCL on GPUs), timeout and per-device
+  ordering, so that a device runs its BN and gradient collectives in one
+  program order. Every member computes the same merged statistics from the
+  same gathered tensor, so its copy of the moving statistics (SyncOnRead
   variables, updated from the group statistics with the biased variance, as
   Keras' synchronized BN does) equals its group's; reading them in
   cross-replica context gives the mean over groups. All replicas must run the
@@ -367,10 +402,11 @@ class CrossReplicaBatchNormalization(tf.keras.layers.BatchNormalization):
 
   def _group_launcher(self, replica_ctx, group_size):
     replica_id, group_index = self._group_member(replica_ctx, group_size)
-    local_devices = replica_ctx.strategy.extended.worker_devices
+    strategy = replica_ctx.strategy
     return _launcher(
         _GROUP_KEY_BASE + group_size * _MAX_GROUPS + group_index, group_size,
-        local_devices[replica_id % len(local_devices)])
+        _strategy_launcher(strategy, replica_id %
+                           len(strategy.extended.worker_devices)))
 
   def _gather_group(self, packed, replica_ctx, group_size):
     """All group members' `packed` rows, [group_size, D], in replica order."""

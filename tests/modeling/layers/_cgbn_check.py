@@ -29,6 +29,9 @@ EPSILON = 1e-3
 # Uneven per-replica batches; replica 2 is empty.
 BATCH_SIZES = (2, 3, 0, 1, 4, 2, 1, 3)
 INITIAL_MOVING = (0.0, 1.0)  # Keras' moving mean / variance initializers.
+# The workers' strategy timeout: BN group collectives must take it too (and a
+# worker left waiting by a failed peer ends).
+COLLECTIVE_TIMEOUT_SECONDS = 120.0
 
 
 def make_inputs(num_replicas, seed=0, mean=2.0, std=3.0, spatial=SPATIAL):
@@ -151,14 +154,16 @@ def max_errors(result, expected, replica_ids):
 
 
 def bn_collectives(concrete_function):
-  """(op type, group size, group key, device) of the BN collectives traced."""
+  """(op type, group size, group key, device, timeout) of the BN collectives
+  traced."""
   found = []
   for op in concrete_function.graph.get_operations():
     if op.type in ("CollectiveGatherV2", "CollectiveReduceV2"):
       group_size, group_key = (int(tf.get_static_value(t))
                                for t in op.inputs[1:3])
       if group_key >= _GROUP_KEY_BASE:
-        found.append((op.type, group_size, group_key, op.device))
+        found.append((op.type, group_size, group_key, op.device,
+                      op.get_attr("timeout_seconds")))
   return found
 
 
@@ -170,7 +175,9 @@ def kernel_ops(concrete_function):
 
 def _worker_main(replicas_per_worker, out_path, groups):
   strategy = multi_worker_devices.multi_worker_strategy_with_local_replicas(
-      replicas_per_worker)
+      replicas_per_worker,
+      communication_options=tf.distribute.experimental.CommunicationOptions(
+          timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
   task = strategy.cluster_resolver.task_id
   num_replicas = strategy.num_replicas_in_sync
   replica_ids = [task * replicas_per_worker + i

@@ -15,6 +15,9 @@ import time
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(__file__))
+import _cgbn_check  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 REPLICAS_PER_WORKER = 2
 TOLERANCE = 1e-5
 _WORKER = os.path.join(os.path.dirname(__file__), "_cgbn_check.py")
@@ -83,8 +86,10 @@ def _check(reports, group, group_size):
     assert bool(scenario["collectives"]) != in_graph, task
     if in_graph:
       continue
-    for _, size, key, device in scenario["collectives"]:
+    for _, size, key, device, timeout in scenario["collectives"]:
       assert size == group_size and f"/task:{task}/" in device
+      # The strategy's: a dead or stalled peer ends BN exchanges too.
+      assert timeout == _cgbn_check.COLLECTIVE_TIMEOUT_SECONDS
       workers_of_key[key].add(task)
   if in_graph:
     return

@@ -4,6 +4,7 @@ The CPU is split at import, before TensorFlow initialises its devices; if
 another test module already ran TensorFlow ops at import time, this raises
 and the file should be run on its own.
 """
+import collections
 import os
 import sys
 
@@ -79,8 +80,51 @@ def test_matches_bn_on_each_groups_concatenated_batch(strategy, group_size,
     assert sorted(op_type for op_type, *_ in collectives) == (
         ["CollectiveGatherV2"] * NUM_REPLICAS +
         ["CollectiveReduceV2"] * NUM_REPLICAS)
-    assert {size for _, size, _, _ in collectives} == {
+    assert {size for _, size, *_ in collectives} == {
         group_size or NUM_REPLICAS}
+
+
+def test_a_devices_collectives_are_ordered_on_one_chain(strategy):
+  """BN group collectives take the ordering token of the strategy's own
+  (here the gradient all-reduce): each device runs them all in one program
+  order, which NCCL's single stream per GPU needs against deadlocks."""
+  batches, upstream, gamma, beta = _cgbn_check.make_inputs(NUM_REPLICAS,
+                                                           seed=6)
+  with strategy.scope():
+    layer = layers.CrossReplicaBatchNormalization(group_size=4,
+                                                  exchange="collective")
+    layer.build((None,) + batches[0].shape[1:])
+  layer.gamma.assign(gamma)
+  layer.beta.assign(beta)
+  x, w = strategy.experimental_distribute_values_from_function(
+      lambda ctx: (tf.constant(batches[ctx.replica_id_in_sync_group]),
+                   tf.constant(upstream[ctx.replica_id_in_sync_group])))
+
+  def replica_step(x, w):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(layer(x, training=True) * w)
+    grads = tape.gradient(loss, [layer.gamma, layer.beta])
+    return tf.distribute.get_replica_context().all_reduce("sum", grads)
+
+  step = tf.function(lambda x, w: strategy.run(replica_step, args=(x, w)))
+  dgamma, dbeta = step(x, w)
+  expected = _cgbn_check.reference(4, batches, upstream, gamma, beta)
+  for got, key in ((dgamma, "dgamma"), (dbeta, "dbeta")):
+    for value in strategy.experimental_local_results(got):
+      np.testing.assert_allclose(value, np.sum(expected[key], axis=0),
+                                 atol=1e-4)
+
+  tokens, kinds = collections.defaultdict(set), collections.defaultdict(set)
+  for op in step.get_concrete_function(x, w).graph.get_operations():
+    if op.type in ("CollectiveGatherV2", "CollectiveReduceV2"):
+      is_bn = (int(tf.get_static_value(op.inputs[2])) >=
+               _cgbn_check._GROUP_KEY_BASE)  # pylint: disable=protected-access
+      kinds[op.device].add("bn" if is_bn else "strategy")
+      tokens[op.device].update(t.name for t in op.inputs
+                               if t.dtype == tf.resource)
+  assert len(kinds) == NUM_REPLICAS
+  assert all(k == {"bn", "strategy"} for k in kinds.values()), kinds
+  assert all(len(t) == 1 for t in tokens.values()), tokens
 
 
 def test_eager_replicas_match_bn(strategy):
