@@ -8,7 +8,8 @@ Everything after `--` is passed to `tools/train.py` in each worker, whose
 `TF_CONFIG` names K free ports on 127.0.0.1; worker 0 is the chief. For
 trying multi-worker training on one box; on a cluster, set `TF_CONFIG` per
 machine instead (see README). If one worker fails, the others are stopped
-and its exit code is returned.
+and its exit code is returned; a preempted worker (SIGTERM, exit code 42)
+is not a failure: the others save the same step and exit 42 too.
 """
 import json
 import os
@@ -31,6 +32,8 @@ flags.DEFINE_float("timeout_seconds", None,
 FLAGS = flags.FLAGS
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+# tools/train.py's code for a preempted worker (trainer.EXIT_PREEMPTED).
+EXIT_PREEMPTED = 42
 
 
 def free_ports(count):
@@ -73,7 +76,7 @@ def launch(num_workers, train_args, timeout_seconds=None):
   try:
     while True:
       failed = [(i, w) for i, w in enumerate(workers)
-                if w.poll() not in (None, 0)]
+                if w.poll() not in (None, 0, EXIT_PREEMPTED)]
       if failed:
         i, worker = failed[0]
         logging.error("worker %d %s; stopping the other workers", i,
@@ -81,6 +84,10 @@ def launch(num_workers, train_args, timeout_seconds=None):
         return worker.returncode
       if all(w.returncode == 0 for w in workers):
         return 0
+      if all(w.returncode in (0, EXIT_PREEMPTED) for w in workers):
+        logging.warning("Preempted: the workers saved the same step; run the "
+                        "same command again to resume")
+        return EXIT_PREEMPTED
       if deadline and time.time() > deadline:
         logging.error("Timed out after %g s; stopping all workers",
                       timeout_seconds)

@@ -9,6 +9,9 @@ import threading
 import time
 
 import pytest
+import tensorflow as tf
+
+from megdet_tf.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -89,6 +92,27 @@ def test_a_killed_worker_stops_the_job_within_seconds(tmp_path):
     assert "worker 1 was killed by SIGKILL; stopping the other workers" in rest
     with pytest.raises(ProcessLookupError):
       os.kill(pids[0], 0)
+
+
+@pytest.mark.slow
+def test_a_preempted_worker_has_all_workers_save_the_same_step(tmp_path):
+  """SIGTERM to one worker: both save one agreed step and exit 42, which
+  launch_local passes on instead of stopping the other as failed."""
+  never = "DetectorTrainer.checkpoint_every_steps=1000"
+  with _job_at_step_3(tmp_path, never) as (process, pids):
+    os.kill(pids[1], signal.SIGTERM)
+    rest = process.communicate(timeout=300)[1]
+  assert process.returncode == 42, rest[-3000:]
+  assert "stopping the other workers" not in rest
+  assert "Preempted: the workers saved the same step" in rest
+  saved = tf.train.latest_checkpoint(str(tmp_path / "run"))
+  assert saved and int(saved.rsplit("-", 1)[1]) > 3, saved
+
+
+def test_preempted_exit_code_is_the_trainers():
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import launch_local  # pylint: disable=g-import-not-at-top
+  assert launch_local.EXIT_PREEMPTED == trainer.EXIT_PREEMPTED
 
 
 def _freeze_main_thread(pid):
