@@ -51,13 +51,9 @@ def make_inputs(num_replicas, seed=0, mean=2.0, std=3.0, spatial=SPATIAL):
   return batches, upstream, gamma, beta
 
 
-def run_step(strategy, group_size, batches, upstream, gamma, beta,
-             eager=False, **kwargs):
-  """One training step of a fresh layer; returns per-local-replica results.
-
-  The results include the cross-replica reads of the moving statistics. Also
-  returns the traced step function (None if `eager`) and the layer.
-  """
+def make_layer(strategy, group_size, batches, upstream, gamma, beta,
+               **kwargs):
+  """A built layer with `gamma` and `beta`, and the per-replica x and w."""
   with strategy.scope():
     layer = cross_replica_batch_norm.CrossReplicaBatchNormalization(
         group_size=group_size, momentum=MOMENTUM, epsilon=EPSILON, **kwargs)
@@ -67,6 +63,18 @@ def run_step(strategy, group_size, batches, upstream, gamma, beta,
   x, w = strategy.experimental_distribute_values_from_function(
       lambda ctx: (tf.constant(batches[ctx.replica_id_in_sync_group]),
                    tf.constant(upstream[ctx.replica_id_in_sync_group])))
+  return layer, x, w
+
+
+def run_step(strategy, group_size, batches, upstream, gamma, beta,
+             eager=False, **kwargs):
+  """One training step of a fresh layer; returns per-local-replica results.
+
+  The results include the cross-replica reads of the moving statistics. Also
+  returns the traced step function (None if `eager`) and the layer.
+  """
+  layer, x, w = make_layer(strategy, group_size, batches, upstream, gamma,
+                           beta, **kwargs)
 
   def replica_step(x, w):
     x = tf.cast(x, layer.compute_dtype)

@@ -90,15 +90,8 @@ def test_a_devices_collectives_are_ordered_on_one_chain(strategy):
   order, which NCCL's single stream per GPU needs against deadlocks."""
   batches, upstream, gamma, beta = _cgbn_check.make_inputs(NUM_REPLICAS,
                                                            seed=6)
-  with strategy.scope():
-    layer = layers.CrossReplicaBatchNormalization(group_size=4,
-                                                  exchange="collective")
-    layer.build((None,) + batches[0].shape[1:])
-  layer.gamma.assign(gamma)
-  layer.beta.assign(beta)
-  x, w = strategy.experimental_distribute_values_from_function(
-      lambda ctx: (tf.constant(batches[ctx.replica_id_in_sync_group]),
-                   tf.constant(upstream[ctx.replica_id_in_sync_group])))
+  layer, x, w = _cgbn_check.make_layer(strategy, 4, batches, upstream, gamma,
+                                       beta, exchange="collective")
 
   def replica_step(x, w):
     with tf.GradientTape() as tape:
