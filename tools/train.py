@@ -22,6 +22,7 @@ import gin
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
 from megdet_tf.training import experiment
+from megdet_tf.training import peer_errors
 from megdet_tf.training import trainer as trainer_lib
 
 MODES = ("train", "eval", "train_and_eval")
@@ -75,7 +76,7 @@ def main(argv):
   except trainer_lib.PreemptedError as e:
     logging.warning("%s", e)
     exit_code = trainer_lib.EXIT_PREEMPTED
-  except trainer_lib.PeerLostError as e:
+  except peer_errors.PeerLostError as e:
     logging.error("%s", e)  # TensorFlow's traceback would bury it.
     exit_code = 1
   # Everything is saved and flushed; skip Python's teardown of the traced

@@ -37,6 +37,7 @@ from megdet_tf.modeling.losses import FasterRCNNLoss
 from megdet_tf.modeling.pretrained import load_keras_applications_resnet
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
 from megdet_tf.optimization import optimizer as optimizer_lib
+from megdet_tf.training import peer_errors
 from megdet_tf.training import profiling
 from megdet_tf.training import strategy as strategy_lib
 
@@ -59,62 +60,6 @@ class TrainingDivergedError(RuntimeError):
 
 class PreemptedError(RuntimeError):
   """A worker got SIGTERM; every worker saved the same step and stopped."""
-
-
-class PeerLostError(RuntimeError):
-  """Another worker is dead or stalled: this one's collectives cannot end."""
-
-
-# TensorFlow's words for a peer that its coordination service lost, and for
-# the op that failed.
-_UNHEALTHY_TASKS = re.compile(
-    r"stopped sending heartbeats\):\s*((?:/job:\w+/replica:\d+/task:\d+\s*)+)")
-_FAILED_NODE = re.compile(r"\[\[\{\{node ([^}]+)\}\}\]\]")
-
-
-def _failed_node(error: tf.errors.OpError) -> str:
-  """' (TensorFlow: <node>)' naming the op that `error` reports, or ''."""
-  node = _FAILED_NODE.search(error.message)
-  return f" (TensorFlow: {node.group(1)})" if node else ""
-
-
-def _names_lost_peers(method):
-  """Makes `method`, which runs collectives, raise `PeerLostError` saying
-  what a lost peer looks like from here, instead of TensorFlow's error.
-
-  A collective that waited longer than the strategy's timeout fails with
-  DeadlineExceeded: a peer stopped taking part but still runs (its input or
-  step hangs). A peer that stopped as a whole (dead, stopped, its machine
-  hung) misses its heartbeats first, and TensorFlow's coordination service
-  aborts the collectives with Unavailable. Other errors pass unchanged.
-  """
-  @functools.wraps(method)
-  def wrapper(self, *args, **kwargs):
-    try:
-      return method(self, *args, **kwargs)
-    except tf.errors.DeadlineExceededError as e:
-      if "Collective has timed out" not in e.message:
-        raise
-      raise PeerLostError(
-          "A collective waited more than "
-          f"{strategy_lib.collective_timeout(self.strategy):g} s "
-          "(build_strategy.collective_timeout_seconds) for the other "
-          "workers: one of them is stalled (its input or its step hangs), "
-          "or far slower than this one. See the other workers' logs"
-          f"{_failed_node(e)}.") from e
-    except tf.errors.UnavailableError as e:
-      unhealthy = _UNHEALTHY_TASKS.search(e.message)
-      if not unhealthy:
-        raise
-      peers = ", ".join(
-          f"{job} {task}" for job, task in re.findall(
-              r"/job:(\w+)/replica:\d+/task:(\d+)", unhealthy.group(1)))
-      raise PeerLostError(
-          f"{peers} stopped sending heartbeats to TensorFlow's coordination "
-          "service, which aborted this worker's collectives: it is dead or "
-          "stalled as a whole (killed, stopped, out of memory, its machine "
-          f"hung). See its log{_failed_node(e)}.") from e
-  return wrapper
 
 
 def _check_compilable(model: tf.keras.Model, strategy: tf.distribute.Strategy):
@@ -228,7 +173,7 @@ class DetectorTrainer:
   def step(self) -> int:
     return int(self.optimizer.iterations.numpy())
 
-  @_names_lost_peers
+  @peer_errors.names_lost_peers
   def restore(self, checkpoint_path: Optional[str] = None) -> Optional[str]:
     """Restores `checkpoint_path`, or the chief's latest in model_dir.
 
@@ -422,7 +367,7 @@ class DetectorTrainer:
 
   # --- Public entry points --------------------------------------------------
 
-  @_names_lost_peers
+  @peer_errors.names_lost_peers
   def train(self, max_steps: Optional[int] = None,
             evaluate: bool = False) -> Dict[str, float]:
     """Trains to `total_steps` (or `max_steps`), resuming from model_dir.
@@ -498,7 +443,7 @@ class DetectorTrainer:
         f"{steps * self.global_batch_size / elapsed:.1f} img/s  ETA {eta}",
         f"  skipped {skipped} undecodable records" if skipped else "")
 
-  @_names_lost_peers
+  @peer_errors.names_lost_peers
   def evaluate(self) -> Dict[str, float]:
     """COCO metrics of the current weights on the eval split."""
     evaluator = COCOEvaluator(category_map=self.category_map)
