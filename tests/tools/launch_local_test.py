@@ -129,7 +129,8 @@ def _freeze_main_thread(pid):
                           ctypes.c_void_p]
   for request in (ptrace_seize, ptrace_interrupt):
     if libc.ptrace(request, pid, None, None):
-      pytest.skip(f"ptrace: {os.strerror(ctypes.get_errno())}")
+      pytest.skip("freezing one thread of a worker needs ptrace, which this "
+                  f"system refuses: {os.strerror(ctypes.get_errno())}")
 
   def reap():
     while True:
