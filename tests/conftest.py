@@ -20,6 +20,12 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 from megdet_tf.dataloaders import coco_tfrecord
 from megdet_tf.dataloaders import shapes_dataset
+from megdet_tf.training import multi_worker_devices
+
+# In-process tests see 8 logical CPU devices (for 8-replica MirroredStrategy
+# tests): the split must come before TensorFlow's first op, so it is made here,
+# once. A test that needs another split runs it in a subprocess.
+multi_worker_devices.split_cpu(8)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Enough for a margin: after 200 steps, 1 of 10 seeds (and CI's CPU, once) kept

@@ -8,9 +8,6 @@ import numpy as np
 import tensorflow as tf
 
 from megdet_tf import optimization
-from megdet_tf.training import multi_worker_devices
-
-multi_worker_devices.split_cpu(8)  # As every in-process test module splits.
 
 
 def _schedule():

@@ -73,8 +73,22 @@ def outputs(out):
 
 
 @pytest.mark.slow
-def test_grid_trains_records_resumes_and_reports(tmp_path):
+def test_grid_trains_resumes_records_and_reports(tmp_path):
   out = str(tmp_path / "study")
+  # An interrupted run resumes from its checkpoint (the next call's).
+  interrupted = "bs16_frozen_s0"
+  model_dir = os.path.join(out, "work", "runs", interrupted, "model")
+  process = study(out, f"--only={interrupted}", wait=False)
+  deadline = time.time() + TIMEOUT
+  while not os.path.exists(os.path.join(model_dir, "ckpt-2.index")):
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  os.killpg(process.pid, signal.SIGTERM)
+  log = process.communicate(timeout=60)[0]
+  assert process.returncode != 0
+  assert set(records(out)) == {"pretrain"}, log[-3000:]
+
   result = study(out, f"--only={ONE_RUN_EACH}")
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   found = records(out)
@@ -86,10 +100,13 @@ def test_grid_trains_records_resumes_and_reports(tmp_path):
   for name in ONE_RUN_EACH.split("|"):
     record = found[name]
     with open(os.path.join(out, "work", "runs", name, "train.log")) as f:
-      assert f"Initialised backbone from {pretrained}/ckpt-8" in f.read()
+      log = f.read()
+    assert f"Initialised backbone from {pretrained}/ckpt-8" in log
+    assert ("Restored" in log) == (name == interrupted)
     assert record["eval_history"][-1]["step"] == (
         record["schedule"]["total_steps"])
     assert len(record["commit"]) == 40 and record["wall_seconds"] > 0
+  assert found[interrupted]["eval_history"][-1]["step"] == 22
   long = found["bs16_bn16_long_heads_s0"]
   assert [e["epoch"] for e in long["eval_history"]] == list(range(1, 19))
   assert found["bs32_bn32_s0"]["realisation"] == dict(
@@ -109,27 +126,6 @@ def test_grid_trains_records_resumes_and_reports(tmp_path):
   report = study(out, "--report_only")
   assert report.returncode == 0, report.stderr[-3000:]
   assert outputs(out) == before
-
-  # An interrupted run resumes from its checkpoint.
-  name = "bs16_bn16_s0"
-  model_dir = os.path.join(out, "work", "runs", name, "model")
-  process = study(out, f"--only={name}", wait=False)
-  deadline = time.time() + TIMEOUT
-  while not os.path.exists(os.path.join(model_dir, "ckpt-2.index")):
-    assert process.poll() is None, process.stdout.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.05)
-  os.killpg(process.pid, signal.SIGTERM)
-  log = process.communicate(timeout=60)[0]
-  assert process.returncode != 0
-  assert name not in records(out), log[-3000:]
-  resumed = study(out, f"--only={name}")
-  assert resumed.returncode == 0, resumed.stdout[-3000:]
-  with open(os.path.join(out, "work", "runs", name, "train.log")) as f:
-    assert "Restored" in f.read()
-  record = records(out)[name]
-  assert record["status"] == "converged"
-  assert record["eval_history"][-1]["step"] == 22
 
 
 def test_impossible_run_is_refused_before_training(tmp_path):

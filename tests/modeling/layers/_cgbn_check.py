@@ -18,9 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from megdet_tf.modeling.layers import cross_replica_batch_norm
+from megdet_tf.ops import group_exchange
 from megdet_tf.training import multi_worker_devices
-
-_GROUP_KEY_BASE = cross_replica_batch_norm._GROUP_KEY_BASE  # pylint: disable=protected-access
 
 CHANNELS = 4
 SPATIAL = (3, 2)
@@ -169,7 +168,7 @@ def bn_collectives(concrete_function):
     if op.type in ("CollectiveGatherV2", "CollectiveReduceV2"):
       group_size, group_key = (int(tf.get_static_value(t))
                                for t in op.inputs[1:3])
-      if group_key >= _GROUP_KEY_BASE:
+      if group_key >= group_exchange.GROUP_KEY_BASE:
         found.append((op.type, group_size, group_key, op.device,
                       op.get_attr("timeout_seconds")))
   return found

@@ -1,26 +1,19 @@
-"""CrossReplicaBatchNormalization on 8 logical CPU replicas (MirroredStrategy).
-
-The CPU is split at import, before TensorFlow initialises its devices; if
-another test module already ran TensorFlow ops at import time, this raises
-and the file should be run on its own.
-"""
+"""CrossReplicaBatchNormalization on 8 logical CPU replicas (MirroredStrategy;
+tests/conftest.py splits the CPU)."""
 import collections
 import os
 import sys
 
-from megdet_tf.training import multi_worker_devices
-
-multi_worker_devices.split_cpu(8)
-
-import numpy as np  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from megdet_tf.modeling import layers
+from megdet_tf.ops import group_exchange
 from megdet_tf.ops import group_norm_kernels
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _cgbn_check  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _cgbn_check  # noqa: E402  pylint: disable=wrong-import-position
 
 NUM_REPLICAS = 8
 TOLERANCE = 1e-5
@@ -28,9 +21,6 @@ TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def strategy():
-  if len(tf.config.list_logical_devices("CPU")) < NUM_REPLICAS:
-    pytest.fail("another test module re-split the CPU after this one did; "
-                "run this file on its own")
   return tf.distribute.MirroredStrategy(
       [f"/cpu:{i}" for i in range(NUM_REPLICAS)])
 
@@ -111,7 +101,7 @@ def test_a_devices_collectives_are_ordered_on_one_chain(strategy):
   for op in step.get_concrete_function(x, w).graph.get_operations():
     if op.type in ("CollectiveGatherV2", "CollectiveReduceV2"):
       is_bn = (int(tf.get_static_value(op.inputs[2])) >=
-               _cgbn_check._GROUP_KEY_BASE)  # pylint: disable=protected-access
+               group_exchange.GROUP_KEY_BASE)
       kinds[op.device].add("bn" if is_bn else "strategy")
       tokens[op.device].update(t.name for t in op.inputs
                                if t.dtype == tf.resource)
