@@ -28,6 +28,7 @@ from official.vision.ops import box_ops
 from official.vision.ops import preprocess_ops
 
 from megdet_tf.dataloaders.category_map import CategoryMap
+from megdet_tf.ops.anchor_spec import AnchorSpec
 
 
 @gin.configurable
@@ -39,15 +40,7 @@ class DetectionParser(parser.Parser):
                short_side: int = 800,
                long_side: int = 1333,
                padded_size: Optional[Sequence[int]] = None,
-               min_level: int = 2,
-               max_level: int = 6,
-               num_scales: int = 1,
-               aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-               anchor_size: float = 8.0,
-               rpn_match_threshold: float = 0.7,
-               rpn_unmatched_threshold: float = 0.3,
-               rpn_batch_size_per_im: int = 256,
-               rpn_fg_fraction: float = 0.5,
+               anchor_spec: Optional[AnchorSpec] = None,
                aug_rand_hflip: bool = True,
                aug_scale_min: float = 1.0,
                aug_scale_max: float = 1.0,
@@ -63,15 +56,8 @@ class DetectionParser(parser.Parser):
       padded_size: [height, width] every image is padded to; by default a
         square of `long_side` rounded up to the coarsest feature stride, which
         holds landscape and portrait images alike.
-      min_level: finest FPN level with anchors.
-      max_level: coarsest FPN level with anchors.
-      num_scales: anchor scales per octave.
-      aspect_ratios: anchor width/height ratios.
-      anchor_size: anchor side in units of the level's stride.
-      rpn_match_threshold: IoU above which an anchor is positive.
-      rpn_unmatched_threshold: IoU below which an anchor is negative.
-      rpn_batch_size_per_im: anchors sampled per image for the RPN loss.
-      rpn_fg_fraction: fraction of positives among sampled anchors.
+      anchor_spec: the anchors to label and how the RPN samples them;
+        Gin's `AnchorSpec` (the model's and the loss's) if None.
       aug_rand_hflip: random horizontal flip in training.
       aug_scale_min: minimum random scale jitter in training.
       aug_scale_max: maximum random scale jitter in training.
@@ -80,23 +66,22 @@ class DetectionParser(parser.Parser):
       dtype: dtype of the output image (`float32`, `bfloat16`, `float16`).
     """
     self.category_map = category_map or CategoryMap()
-    stride = 2**max_level
+    self.anchor_spec = anchor_spec or AnchorSpec()
+    spec = self.anchor_spec
+    stride = 2**spec.max_level
     self.padded_size = tuple(padded_size or preprocess_ops.compute_padded_size(
         [long_side, long_side], stride))
     if any(side % stride for side in self.padded_size):
       raise ValueError(
           f"DetectionParser.padded_size {self.padded_size} must be divisible "
-          f"by the coarsest stride 2**max_level = {stride}")
+          f"by the coarsest stride 2**AnchorSpec.max_level = {stride}")
     self._short_side = short_side
     self._long_side = long_side
-    self._min_level = min_level
-    self._max_level = max_level
     self._anchor_generator = anchor.build_anchor_generator(
-        min_level=min_level, max_level=max_level, num_scales=num_scales,
-        aspect_ratios=list(aspect_ratios), anchor_size=anchor_size)
+        **spec.anchor_args())
     self._anchor_labeler = anchor.RpnAnchorLabeler(
-        rpn_match_threshold, rpn_unmatched_threshold, rpn_batch_size_per_im,
-        rpn_fg_fraction)
+        spec.rpn_match_threshold, spec.rpn_unmatched_threshold,
+        spec.rpn_batch_size_per_im, spec.rpn_fg_fraction)
     self._aug_rand_hflip = aug_rand_hflip
     self._aug_scale_min = aug_scale_min
     self._aug_scale_max = aug_scale_max

@@ -19,7 +19,7 @@ ground truth needed) it returns `detection_boxes` [B, D, 4] (network-input
 pixels, ymin/xmin/ymax/xmax), `detection_scores` [B, D], `detection_classes`
 [B, D] (contiguous class indices 1..K) and `num_detections` [B].
 """
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 import gin
 import tensorflow as tf
@@ -35,6 +35,7 @@ from megdet_tf.modeling.heads.rpn_head import RPNHead
 from megdet_tf.modeling.layers.roi_aligner import MultilevelROIAligner
 from megdet_tf.modeling.layers.roi_generator import MultilevelROIGenerator
 from megdet_tf.ops import detection_outputs
+from megdet_tf.ops.anchor_spec import AnchorSpec
 
 # Model Garden's RoI layers, configured from Gin by their class names (the
 # RoI generator and aligner are our subclasses of Model Garden's, configurable
@@ -62,19 +63,15 @@ class FasterRCNN(maskrcnn_model.MaskRCNNModel):
                roi_sampler: tf.keras.layers.Layer,
                roi_aligner: tf.keras.layers.Layer,
                detection_generator: tf.keras.layers.Layer,
-               min_level: int,
-               max_level: int,
-               num_scales: int,
-               aspect_ratios: Sequence[float],
-               anchor_size: float,
+               anchor_spec: AnchorSpec,
                **kwargs):
     super().__init__(
         backbone=backbone, decoder=decoder, rpn_head=rpn_head,
         detection_head=detection_head, roi_generator=roi_generator,
         roi_sampler=roi_sampler, roi_aligner=roi_aligner,
-        detection_generator=detection_generator, min_level=min_level,
-        max_level=max_level, num_scales=num_scales,
-        aspect_ratios=list(aspect_ratios), anchor_size=anchor_size, **kwargs)
+        detection_generator=detection_generator, **anchor_spec.anchor_args(),
+        **kwargs)
+    self.anchor_spec = anchor_spec
 
   def call_with_labels(self, images: tf.Tensor, labels: Mapping[str, Any],
                        training: bool) -> Dict[str, Any]:
@@ -111,16 +108,22 @@ class FasterRCNN(maskrcnn_model.MaskRCNNModel):
       config[key] = tf.keras.layers.serialize(layer)
       # Model Garden's layers leave their dtype policy out of their config.
       config[key]["config"].setdefault("dtype", layer.dtype_policy.name)
-    return {key: config[key] for key in _LAYERS + (
-        "min_level", "max_level", "num_scales", "aspect_ratios",
-        "anchor_size")}
+    return dict({key: config[key] for key in _LAYERS},
+                anchor_spec=self.anchor_spec.to_config())
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
+    if "anchor_spec" not in config:
+      raise ValueError(
+          "FasterRCNN config without 'anchor_spec': a config written before "
+          "AnchorSpec keeps min_level, max_level, num_scales, aspect_ratios "
+          "and anchor_size at the top level; move them into "
+          "config['anchor_spec']")
     config = dict(config)
     for key in _LAYERS:
       config[key] = tf.keras.layers.deserialize(
           config[key], custom_objects=custom_objects)
+    config["anchor_spec"] = AnchorSpec.from_config(config["anchor_spec"])
     return cls(**config)
 
 
@@ -138,31 +141,22 @@ def build_variables(model: FasterRCNN, image_size: int = 128) -> None:
 
 @gin.configurable
 def build_faster_rcnn(num_classes: Optional[int] = None,
-                      min_level: int = 2,
-                      max_level: int = 6,
-                      num_scales: int = 1,
-                      aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
-                      anchor_size: float = 8.0) -> FasterRCNN:
+                      anchor_spec: Optional[AnchorSpec] = None) -> FasterRCNN:
   """Builds the detector from Gin-configured parts and creates its variables.
 
   Args:
     num_classes: classes including background; by default the Gin-configured
       `CategoryMap`'s.
-    min_level: finest FPN level with anchors (P2).
-    max_level: coarsest FPN level with anchors (P6).
-    num_scales: anchor scales per level.
-    aspect_ratios: anchor width/height ratios.
-    anchor_size: anchor side in units of the level's stride (8 -> 32 px at P2).
-      The anchor settings must equal `DetectionParser`'s (the model Gin files
-      bind both).
+    anchor_spec: the anchors (their levels are the FPN's and the RPN head's);
+      Gin's `AnchorSpec` (the parser's and the loss's) if None.
   """
   num_classes = num_classes or CategoryMap().num_classes
+  spec = anchor_spec or AnchorSpec()
   model = FasterRCNN(
       backbone=ResNet(),
-      decoder=FPN(min_level=min_level, max_level=max_level),
-      rpn_head=RPNHead(min_level=min_level, max_level=max_level,
-                       num_anchors_per_location=num_scales *
-                       len(aspect_ratios)),
+      decoder=FPN(min_level=spec.min_level, max_level=spec.max_level),
+      rpn_head=RPNHead(min_level=spec.min_level, max_level=spec.max_level,
+                       num_anchors_per_location=spec.num_anchors_per_location),
       detection_head=BoxHead(num_classes=num_classes),
       # Boxes stay float32 under a mixed policy: Keras would cast these
       # layers' inputs to bfloat16, whose 8 significant bits put a 1000 px
@@ -171,7 +165,6 @@ def build_faster_rcnn(num_classes: Optional[int] = None,
       roi_sampler=ROISampler(dtype="float32"),
       roi_aligner=MultilevelROIAligner(),
       detection_generator=DetectionGenerator(dtype="float32"),
-      min_level=min_level, max_level=max_level, num_scales=num_scales,
-      aspect_ratios=aspect_ratios, anchor_size=anchor_size)
-  build_variables(model, image_size=2 * 2**max_level)
+      anchor_spec=spec)
+  build_variables(model, image_size=2 * 2**spec.max_level)
   return model

@@ -4,7 +4,7 @@ l = RPN classification + RPN box regression + Fast R-CNN classification + Fast
 R-CNN box regression, each computed by Model Garden's `maskrcnn_losses`:
 
 - RPN objectness: sigmoid cross entropy over the anchors the parser sampled,
-  divided by `rpn_batch_size_per_im` per image (the parser's
+  divided by the number it samples per image (`AnchorSpec`'s
   `rpn_batch_size_per_im`, 256, Detectron's normalizer; Model Garden's task
   passes the RoI count instead);
 - RPN boxes: Huber (delta 1/9, Detectron's smooth-L1 beta) over positive
@@ -25,12 +25,14 @@ formula read literally. Only the variables passed in are candidates: pass
 All terms are per replica: a replicated step divides the total by the number
 of replicas before summing gradients, so the l2 term counts once overall.
 """
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 import gin
 import tensorflow as tf
 
 from official.vision.losses import maskrcnn_losses
+
+from megdet_tf.ops.anchor_spec import AnchorSpec
 
 WEIGHT_DECAY_ON = ("kernels", "all")
 
@@ -54,7 +56,7 @@ class FasterRCNNLoss:
           "model_loss", "l2_loss", "total_loss")
 
   def __init__(self,
-               rpn_batch_size_per_im: int = 256,
+               anchor_spec: Optional[AnchorSpec] = None,
                rpn_huber_loss_delta: float = 1.0 / 9.0,
                frcnn_huber_loss_delta: float = 1.0,
                weight_decay: float = 1e-4,
@@ -62,8 +64,8 @@ class FasterRCNNLoss:
     """Configures the loss.
 
     Args:
-      rpn_batch_size_per_im: anchors sampled per image for the RPN
-        classification loss (must equal `DetectionParser`'s).
+      anchor_spec: its `rpn_batch_size_per_im` divides the RPN
+        classification loss; Gin's `AnchorSpec` (the parser's) if None.
       rpn_huber_loss_delta: Huber delta of the RPN box loss.
       frcnn_huber_loss_delta: Huber delta of the Fast R-CNN box loss.
       weight_decay: lambda of (lambda/2)|w|^2.
@@ -71,7 +73,8 @@ class FasterRCNNLoss:
         trainable variable).
     """
     decayed_variables([], weight_decay_on)  # Validates the choice.
-    self._rpn_score_loss = maskrcnn_losses.RpnScoreLoss(rpn_batch_size_per_im)
+    self._rpn_score_loss = maskrcnn_losses.RpnScoreLoss(
+        (anchor_spec or AnchorSpec()).rpn_batch_size_per_im)
     self._rpn_box_loss = maskrcnn_losses.RpnBoxLoss(rpn_huber_loss_delta)
     self._frcnn_class_loss = maskrcnn_losses.FastrcnnClassLoss()
     self._frcnn_box_loss = maskrcnn_losses.FastrcnnBoxLoss(

@@ -10,6 +10,7 @@ from official.vision.ops import preprocess_ops
 
 from megdet_tf.dataloaders.category_map import CategoryMap
 from megdet_tf.dataloaders.detection_parser import DetectionParser
+from megdet_tf.ops.anchor_spec import AnchorSpec
 
 # Category id -> pure colour of its rectangles; ids have gaps like COCO's.
 COLOURS = {3: (255, 0, 0), 11: (0, 255, 0), 42: (0, 0, 255)}
@@ -34,8 +35,8 @@ def make_example(height=96, width=160, rects=(), crowd=()):
 
 def make_parser(**kwargs):
   args = dict(category_map=CategoryMap(list(COLOURS)), short_side=64,
-              long_side=100, min_level=2, max_level=4, aspect_ratios=(1.0,),
-              anchor_size=4.0)
+              long_side=100, anchor_spec=AnchorSpec(
+                  max_level=4, aspect_ratios=(1.0,), anchor_size=4.0))
   args.update(kwargs)
   return DetectionParser(**args)
 

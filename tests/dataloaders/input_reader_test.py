@@ -9,6 +9,7 @@ from official.vision.data import tf_example_builder
 from megdet_tf.dataloaders.category_map import CategoryMap
 from megdet_tf.dataloaders.detection_parser import DetectionParser
 from megdet_tf.dataloaders.input_reader import InputReader
+from megdet_tf.ops.anchor_spec import AnchorSpec
 
 NUM_IMAGES = 10
 
@@ -49,7 +50,7 @@ def write_shards(directory, num_shards, truncated_image_id=None):
 
 def make_reader(pattern, **kwargs):
   parser = DetectionParser(category_map=CategoryMap([7]), short_side=32,
-                           long_side=64, min_level=2, max_level=4,
+                           long_side=64, anchor_spec=AnchorSpec(max_level=4),
                            seed=kwargs.get("seed"))
   return InputReader(file_pattern=pattern, parser=parser, **kwargs)
 

@@ -170,12 +170,14 @@ def test_norm_kinds_in_a_training_step(norm):
 
 
 def test_get_config_round_trip():
-  model = build_tiny()
+  model = build_tiny(extra="AnchorSpec.anchor_size = 4.0\n")
   config = model.get_config()
   json.dumps(config)  # Plain data, not live layers.
   gin.clear_config()  # The clone must not rely on Gin.
   clone = faster_rcnn.FasterRCNN.from_config(config)
   assert clone.get_config() == config
+  assert clone.anchor_spec == model.anchor_spec
+  assert clone.anchor_spec.anchor_size == 4.0
   faster_rcnn.build_variables(clone)
   assert ([v.shape for v in clone.variables] ==
           [v.shape for v in model.variables])
@@ -228,9 +230,16 @@ def test_mixed_bfloat16_keeps_boxes_float32():
     tf.keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("gin_file,depth,fc_dims,num_rois", [
-    ("r50_fpn.gin", 50, 1024, 512), ("demo.gin", 18, 256, 128)])
-def test_gin_model_files(gin_file, depth, fc_dims, num_rois):
+def test_a_config_from_before_anchor_spec_is_refused():
+  config = build_tiny().get_config()
+  config.update(config.pop("anchor_spec"))
+  with pytest.raises(ValueError, match="without 'anchor_spec'"):
+    faster_rcnn.FasterRCNN.from_config(config)
+
+
+@pytest.mark.parametrize("gin_file,depth,fc_dims,num_rois,anchor_size", [
+    ("r50_fpn.gin", 50, 1024, 512, 8.0), ("demo.gin", 18, 256, 128, 4.0)])
+def test_gin_model_files(gin_file, depth, fc_dims, num_rois, anchor_size):
   gin.add_config_file_search_path(_REPO)
   gin.parse_config_files_and_bindings(
       [os.path.join(_REPO, "gin", "model", gin_file)], [])
@@ -240,15 +249,14 @@ def test_gin_model_files(gin_file, depth, fc_dims, num_rois):
   assert config["detection_head"]["config"]["fc_dims"] == fc_dims
   assert config["roi_sampler"]["config"]["num_sampled_rois"] == num_rois
   assert config["roi_aligner"]["config"]["crop_size"] == 7
-  assert config["aspect_ratios"] == [0.5, 1.0, 2.0]
+  assert config["anchor_spec"]["aspect_ratios"] == [0.5, 1.0, 2.0]
+  assert config["anchor_spec"]["anchor_size"] == anchor_size
   # The parser labels the anchors the model decodes.
   parser = DetectionParser(category_map=CATEGORY_MAP, short_side=SIZE,
                            long_side=SIZE)
   _, labels = parser.parse_fn(is_training=False)(_decoded_example(0))
-  expected = anchor.Anchor(
-      min_level=config["min_level"], max_level=config["max_level"],
-      num_scales=config["num_scales"], aspect_ratios=config["aspect_ratios"],
-      anchor_size=config["anchor_size"], image_size=(SIZE, SIZE))
+  expected = anchor.Anchor(**model.anchor_spec.anchor_args(),
+                           image_size=(SIZE, SIZE))
   assert sorted(labels["anchor_boxes"]) == sorted(expected.multilevel_boxes)
   for level, boxes in expected.multilevel_boxes.items():
     np.testing.assert_allclose(labels["anchor_boxes"][level], boxes)

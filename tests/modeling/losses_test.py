@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from megdet_tf.modeling import losses
+from megdet_tf.ops.anchor_spec import AnchorSpec
 
 B, H, W, A, R, K = 2, 4, 3, 3, 6, 4  # Batch, RPN map, anchors, RoIs, classes.
 
@@ -72,7 +73,8 @@ def _model():
 def test_terms_match_reference(rpn_batch_size_per_im):
   outputs, labels = _case()
   model = _model()
-  loss = losses.FasterRCNNLoss(rpn_batch_size_per_im=rpn_batch_size_per_im)
+  loss = losses.FasterRCNNLoss(anchor_spec=AnchorSpec(
+      rpn_batch_size_per_im=rpn_batch_size_per_im))
   got = loss(outputs, labels, model.trainable_variables)
   expected = _reference(outputs, labels, rpn_batch_size_per_im)
   for name, value in expected.items():

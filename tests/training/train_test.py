@@ -53,7 +53,7 @@ def tiny_params(data_dir, replicas=1, **overrides):
       "MultilevelROIGenerator.test_num_proposals": 50,
       # Sampling takes every anchor and RoI candidate, so runs are repeatable
       # although Model Garden's samplers draw from unseeded random ops.
-      "RPN_BATCH_SIZE_PER_IM": 4096,
+      "AnchorSpec.rpn_batch_size_per_im": 4096,
       "ROISampler.num_sampled_rois": 150,  # 50 proposals + 100 gt slots.
       "GLOBAL_BATCH_SIZE": 2 * replicas,
       # The demo's decay epochs fall inside the run with room to spare.
