@@ -12,6 +12,7 @@ import sys
 import types
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
+import gin
 import pytest
 
 # Tests read the CPU's memory statistics, which only the BFC allocator keeps:
@@ -26,6 +27,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a duplicate box scored above 0.5; after 300, 12 of 12 seeds stayed below 0.16.
 DEMO_STEPS = 300
 DEMO_SIZE = 128
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  """Clears Gin's bindings after every test: Gin's config is process-wide."""
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="session")
