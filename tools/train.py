@@ -21,6 +21,7 @@ from absl import logging
 import gin
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
+from megdet_tf.training import divergence
 from megdet_tf.training import experiment
 from megdet_tf.training import peer_errors
 from megdet_tf.training import trainer as trainer_lib
@@ -70,7 +71,7 @@ def main(argv):
   exit_code = 0
   try:
     run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)
-  except trainer_lib.TrainingDivergedError as e:
+  except divergence.TrainingDivergedError as e:
     logging.error("%s", e)
     exit_code = trainer_lib.EXIT_DIVERGED
   except trainer_lib.PreemptedError as e:
