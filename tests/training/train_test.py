@@ -368,6 +368,19 @@ def test_workers_that_restored_different_steps_stop_naming_them(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_console_ends_saying_where_the_outputs_are(trained_demo):
+  model_dir = trained_demo.model_dir
+  assert trained_demo.console.rstrip().endswith("\n".join([
+      f"Outputs in {model_dir}:",
+      f"  checkpoint   {model_dir}/ckpt-{trained_demo.steps}",
+      f"  config       {model_dir}/operative_config.gin",
+      f"  detections   {model_dir}/detections_val.json",
+      f"  TensorBoard  tensorboard --logdir={model_dir}"])), (
+          trained_demo.console[-2000:])
+  assert trained_demo.console.count("Outputs in") == 1
+
+
+@pytest.mark.slow
 def test_demo_learns_and_its_evaluation_scores_every_image(trained_demo):
   """The session's demo: 4 images overfit in 300 steps, then evaluated.
 
