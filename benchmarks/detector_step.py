@@ -56,6 +56,8 @@ from typing import Any, Callable, NamedTuple
 from absl import app
 from absl import flags
 
+from megdet_tf import result_line
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `step_peak_mib` reads the CPU's memory statistics, which only the BFC
 # allocator keeps: TensorFlow's default only while oneDNN is on.
@@ -216,8 +218,7 @@ def main(argv):
   del argv
   os.chdir(REPO)
   if FLAGS.setting:
-    print("RESULT " + json.dumps(measure()))
-    sys.stdout.flush()
+    result_line.print_result(measure())
     os._exit(0)  # pylint: disable=protected-access  # Skip graph teardown.
   from megdet_tf.dataloaders import prepare_shapes  # pylint: disable=g-import-not-at-top
   runs = [tuple(run.split(":")) for run in FLAGS.runs]
@@ -242,7 +243,7 @@ def main(argv):
           capture_output=True, text=True, check=False)
       if process.returncode:
         sys.exit(f"{setting}:{precision} failed:\n{process.stderr[-3000:]}")
-      result = json.loads(process.stdout.split("RESULT ")[-1])
+      result = result_line.read_result(process.stdout)
       print(json.dumps(result), flush=True)
       if (setting, precision) == HEADLINE and FLAGS.batch == 2:
         headline = result["speedup_vs_model_garden"]

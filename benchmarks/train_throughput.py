@@ -20,6 +20,8 @@ import time
 from absl import app
 from absl import flags
 
+from megdet_tf import result_line
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_list("replicas", ["1", "2", "4", "8"], "Replica counts.")
@@ -92,7 +94,7 @@ def main(argv):
   del argv
   os.chdir(REPO)
   if FLAGS.worker_replicas:
-    print("RESULT " + json.dumps(measure_throughput(FLAGS.worker_replicas)))
+    result_line.print_result(measure_throughput(FLAGS.worker_replicas))
   else:
     for replicas in FLAGS.replicas if "throughput" in FLAGS.measure else ():
       out = subprocess.run(
@@ -101,7 +103,7 @@ def main(argv):
            f"--images_per_replica={FLAGS.images_per_replica}"] +
           [f"--gin_param={param}" for param in FLAGS.gin_param],
           capture_output=True, text=True, check=True).stdout
-      print(out.split("RESULT ")[-1].strip(), flush=True)
+      print(json.dumps(result_line.read_result(out)), flush=True)
     if "time_to_map" in FLAGS.measure:
       print(json.dumps(time_to_map()))
   sys.stdout.flush()

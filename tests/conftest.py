@@ -12,6 +12,7 @@ import sys
 import types
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
+import gin
 import pytest
 
 # Tests read the CPU's memory statistics, which only the BFC allocator keeps:
@@ -32,6 +33,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a duplicate box scored above 0.5; after 300, 12 of 12 seeds stayed below 0.16.
 DEMO_STEPS = 300
 DEMO_SIZE = 128
+
+
+@pytest.fixture(autouse=True)
+def clear_gin():
+  """Clears Gin's bindings after every test: Gin's config is process-wide."""
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="session")
@@ -122,8 +130,9 @@ def trained_demo(tmp_path_factory) -> types.SimpleNamespace:
   so `model_dir` holds the checkpoint `ckpt-300` and an evaluation's
   TensorBoard events; tests only read them. Attributes: `data_dir`, `params`
   (the Gin bindings over gin/demo.gin), `gin_flags` (`--gin_file`/`--gin_param`
-  for the tools), `model_dir`, `steps`, `image_size`, `coco` (the images'
-  annotations) and `files` (their JPEGs, in the annotations' order).
+  for the tools), `model_dir`, `console` (what the training printed),
+  `steps`, `image_size`, `coco` (the images' annotations) and `files` (their
+  JPEGs, in the annotations' order).
   """
   with _shared_by_test_processes(tmp_path_factory, "demo") as (root, fill):
     params = _demo_params(root)
@@ -131,18 +140,21 @@ def trained_demo(tmp_path_factory) -> types.SimpleNamespace:
                                                for p in params]
     model_dir = os.path.join(root, "run")
     annotations = os.path.join(root, "annotations", "instances_train.json")
+    log = os.path.join(root, "train.log")
     if fill:
-      _train_demo(root, annotations, model_dir, gin_flags)
+      _train_demo(root, annotations, model_dir, gin_flags, log)
   with open(annotations) as f:
     coco = json.load(f)
+  with open(log) as f:
+    console = f.read()
   return types.SimpleNamespace(
       data_dir=root, params=params, gin_flags=gin_flags, model_dir=model_dir,
-      steps=DEMO_STEPS, image_size=DEMO_SIZE, coco=coco,
+      console=console, steps=DEMO_STEPS, image_size=DEMO_SIZE, coco=coco,
       files=[os.path.join(root, "train", image["file_name"])
              for image in coco["images"]])
 
 
-def _train_demo(root, annotations, model_dir, gin_flags):
+def _train_demo(root, annotations, model_dir, gin_flags, log):
   shapes_dataset.write_shapes_dataset(root, num_train=4, num_val=0,
                                       image_size=DEMO_SIZE, seed=0,
                                       scale_range=(0.15, 0.7))
@@ -154,3 +166,5 @@ def _train_demo(root, annotations, model_dir, gin_flags):
        f"--model_dir={model_dir}", "--mode=train_and_eval"] + gin_flags,
       cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert trained.returncode == 0, trained.stderr[-3000:]
+  with open(log, "w") as f:
+    f.write(trained.stderr)

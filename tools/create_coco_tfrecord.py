@@ -24,26 +24,27 @@ from absl import flags
 
 from megdet_tf.dataloaders import coco_tfrecord
 
-_IMAGE_DIR = flags.DEFINE_string(
+flags.DEFINE_string(
     "image_dir", None,
     "Directory with the split's images (e.g. val2017/). Images of the json "
     "missing here are skipped and listed in the summary.")
-_ANNOTATIONS_FILE = flags.DEFINE_string(
+flags.DEFINE_string(
     "annotations_file", None,
     "COCO instances json of the split (e.g. instances_val2017.json).")
-_OUTPUT_PREFIX = flags.DEFINE_string(
+flags.DEFINE_string(
     "output_prefix", None,
     "Shards are written to PREFIX-00000-of-0000K.tfrecord; directories are "
     "created.")
-_NUM_SHARDS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     "num_shards", 32,
     "Number of output files. Use at least as many as input workers.")
-_STRICT = flags.DEFINE_bool(
+flags.DEFINE_bool(
     "strict", False,
     "Stop at the first image that does not decode, instead of skipping it "
     "and listing it in the summary.")
 flags.mark_flags_as_required(["image_dir", "annotations_file",
                               "output_prefix"])
+FLAGS = flags.FLAGS
 
 
 def main(argv):
@@ -51,8 +52,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     summary = coco_tfrecord.convert_coco(
-        _IMAGE_DIR.value, _ANNOTATIONS_FILE.value, _OUTPUT_PREFIX.value,
-        _NUM_SHARDS.value, _STRICT.value)
+        FLAGS.image_dir, FLAGS.annotations_file, FLAGS.output_prefix,
+        FLAGS.num_shards, FLAGS.strict)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"create_coco_tfrecord: {e}")
   print(summary)

@@ -24,11 +24,12 @@ from absl import flags
 
 from megdet_tf.evaluation import coco_evaluator
 
-_ANNOTATIONS_FILE = flags.DEFINE_string(
-    "annotations_file", None, "COCO instances json (the ground truth).")
-_DETECTIONS_FILE = flags.DEFINE_string(
-    "detections_file", None, "COCO results json: a list of detections.")
+flags.DEFINE_string("annotations_file", None,
+                    "COCO instances json (the ground truth).")
+flags.DEFINE_string("detections_file", None,
+                    "COCO results json: a list of detections.")
 flags.mark_flags_as_required(["annotations_file", "detections_file"])
+FLAGS = flags.FLAGS
 
 
 def _load_detections(path: str):
@@ -49,8 +50,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    ground_truth = coco_evaluator.load_ground_truth(_ANNOTATIONS_FILE.value)
-    detections = _load_detections(_DETECTIONS_FILE.value)
+    ground_truth = coco_evaluator.load_ground_truth(FLAGS.annotations_file)
+    detections = _load_detections(FLAGS.detections_file)
     metrics = coco_evaluator.coco_box_metrics(ground_truth, detections)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"evaluate_detections: {e}")

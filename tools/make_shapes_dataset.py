@@ -12,30 +12,29 @@ from absl import flags
 
 from megdet_tf.dataloaders import shapes_dataset
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Directory to write the dataset to.")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 2000, "Training images.")
-_NUM_VAL = flags.DEFINE_integer("num_val", 200, "Validation images.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256,
-                                   "Side of the square images in pixels.")
-_SEED = flags.DEFINE_integer("seed", 0, "Dataset seed.")
+flags.DEFINE_string("output_dir", None, "Directory to write the dataset to.")
+flags.DEFINE_integer("num_train", 2000, "Training images.")
+flags.DEFINE_integer("num_val", 200, "Validation images.")
+flags.DEFINE_integer("image_size", 256, "Side of the square images in pixels.")
+flags.DEFINE_integer("seed", 0, "Dataset seed.")
+flags.mark_flag_as_required("output_dir")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv  # Unused.
   start = time.perf_counter()
   result = shapes_dataset.write_shapes_dataset(
-      _OUTPUT_DIR.value, num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
-      image_size=_IMAGE_SIZE.value, seed=_SEED.value)
+      FLAGS.output_dir, num_train=FLAGS.num_train, num_val=FLAGS.num_val,
+      image_size=FLAGS.image_size, seed=FLAGS.seed)
   seconds = time.perf_counter() - start
   images = sum(split["num_images"] for split in result.values())
   splits = ", ".join(
       f"{name} {split['num_images']} images / {split['num_objects']} objects"
       for name, split in result.items())
-  print(f"shapes dataset in {_OUTPUT_DIR.value}: {splits}; {seconds:.1f} s "
+  print(f"shapes dataset in {FLAGS.output_dir}: {splits}; {seconds:.1f} s "
         f"({images / max(seconds, 1e-9) * 60:.0f} images/min)")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("output_dir")
   app.run(main)

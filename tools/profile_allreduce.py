@@ -33,6 +33,7 @@ from absl import flags
 from absl import logging
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
+from megdet_tf import result_line
 from megdet_tf.training import allreduce_report
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
@@ -48,7 +49,6 @@ FLAGS = flags.FLAGS
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "profile_allreduce_worker.py")
-RESULT = "RESULT "
 
 
 def profile_setting(group_size: int) -> dict:
@@ -66,12 +66,13 @@ def profile_setting(group_size: int) -> dict:
     process = subprocess.run([sys.executable, WORKER, json.dumps(setting)],
                              stdout=subprocess.PIPE, stderr=log, text=True,
                              check=False)
-  if process.returncode or RESULT not in process.stdout:
+  result = result_line.read_result(process.stdout)
+  if process.returncode or result is None:
     with open(log_path) as log:
       raise RuntimeError(f"Profiling group size {group_size} failed (exit "
                          f"{process.returncode}); end of {log_path}:\n"
                          f"{log.read()[-3000:]}")
-  return json.loads(process.stdout.split(RESULT)[-1])
+  return result
 
 
 def main(argv):

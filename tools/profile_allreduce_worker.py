@@ -7,7 +7,7 @@ Runs in a fresh process (logical devices and the strategy must exist before
 TensorFlow initialises): builds the trainer as tools/train.py does, trains to
 step b with `ProfileWindow.profile_steps=(a, b)`, reads the profile back with
 `allreduce_report`, writes its figures as TensorBoard scalars into run_dir
-and prints them as one `RESULT {json}` line.
+and prints them as its `result_line`.
 """
 import json
 import os
@@ -16,11 +16,10 @@ import sys
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
 import tensorflow as tf
 
+from megdet_tf import result_line
 from megdet_tf.training import allreduce_report
 from megdet_tf.training import experiment
 from megdet_tf.training import strategy as strategy_lib
-
-RESULT = "RESULT "
 
 
 def profile(run_dir, group_size, profile_steps, gin_files, gin_params):
@@ -55,5 +54,5 @@ def profile(run_dir, group_size, profile_steps, gin_files, gin_params):
 
 
 if __name__ == "__main__":
-  print(RESULT + json.dumps(profile(**json.loads(sys.argv[1]))), flush=True)
+  result_line.print_result(profile(**json.loads(sys.argv[1])))
   os._exit(0)  # Skips the slow teardown of the traced graphs.

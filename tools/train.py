@@ -21,11 +21,16 @@ from absl import logging
 import gin
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
+import tensorflow as tf
+
+from megdet_tf.training import divergence
+from megdet_tf.training import evaluator
 from megdet_tf.training import experiment
 from megdet_tf.training import peer_errors
 from megdet_tf.training import trainer as trainer_lib
 
 MODES = ("train", "eval", "train_and_eval")
+OPERATIVE_CONFIG = "operative_config.gin"  # The bindings the run used.
 
 experiment.define_gin_flags()
 flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.")
@@ -42,25 +47,40 @@ def run(model_dir, mode, max_steps=None, checkpoint_path=None):
 
   The Gin config is written to model_dir only once the checkpoint to resume
   (or evaluate) is known to fit the configured model: a mistaken
-  configuration changes nothing there.
+  configuration changes nothing there. The chief ends by logging where the
+  outputs are.
   """
   trainer = experiment.build_trainer(model_dir, evaluate=mode != "train")
   if mode == "eval":
     if not trainer.restore(checkpoint_path):
       raise FileNotFoundError(
           f"No checkpoint to evaluate in {model_dir}; pass --checkpoint_path")
-    return trainer.evaluate()
-  trainer.resume_or_initialize()
+  else:
+    trainer.resume_or_initialize()
+    if trainer.is_chief:
+      with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    trainer.train(max_steps=max_steps, evaluate=mode == "train_and_eval")
+    if trainer.is_chief:
+      with open(os.path.join(model_dir, OPERATIVE_CONFIG), "w") as f:
+        f.write(gin.operative_config_str())
+  metrics = trainer.evaluate() if mode != "train" else None
   if trainer.is_chief:
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
-  trainer.train(max_steps=max_steps, evaluate=mode == "train_and_eval")
-  if trainer.is_chief:
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
-  if mode == "train_and_eval":
-    return trainer.evaluate()
-  return None
+    logging.info("%s", outputs(model_dir, mode))
+  return metrics
+
+
+def outputs(model_dir, mode):
+  """Where a run of `mode` left its outputs in model_dir, one per line."""
+  lines = [f"Outputs in {model_dir}:"]
+  if mode != "eval":
+    lines += [f"  checkpoint   {tf.train.latest_checkpoint(model_dir)}",
+              f"  config       {os.path.join(model_dir, OPERATIVE_CONFIG)}"]
+  if mode != "train":
+    lines.append("  detections   " +
+                 os.path.join(model_dir, evaluator.DETECTIONS_FILE))
+  lines.append(f"  TensorBoard  tensorboard --logdir={model_dir}")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -70,7 +90,7 @@ def main(argv):
   exit_code = 0
   try:
     run(FLAGS.model_dir, FLAGS.mode, FLAGS.max_steps, FLAGS.checkpoint_path)
-  except trainer_lib.TrainingDivergedError as e:
+  except divergence.TrainingDivergedError as e:
     logging.error("%s", e)
     exit_code = trainer_lib.EXIT_DIVERGED
   except trainer_lib.PreemptedError as e:

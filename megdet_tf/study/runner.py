@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
 from megdet_tf.study import grid
+from megdet_tf.training import divergence
 from megdet_tf.training import experiment
 from megdet_tf.training import trainer as trainer_lib
 
@@ -316,7 +317,7 @@ class StudyRunner:
       if plan.run is None:
         record["checkpoint_sha256"] = checkpoint_digest(model_dir)
     elif returncode == trainer_lib.EXIT_DIVERGED:
-      with open(os.path.join(model_dir, trainer_lib.DIVERGED_FILE)) as f:
+      with open(os.path.join(model_dir, divergence.DIVERGED_FILE)) as f:
         diverged = json.load(f)
       record.update(status="failed", failed_step=diverged["step"],
                     failed_learning_rate=diverged["learning_rate"],

@@ -9,11 +9,11 @@ profile) before SGD applies them.
 
 Around the loop: checkpoints every `checkpoint_every_steps` and at the end
 (resumed automatically; only the chief writes to `model_dir`), a divergence
-guard that leaves no diverged checkpoint behind, TensorBoard scalars and a
-console progress line, and periodic COCO evaluation.
+guard that leaves no diverged checkpoint behind (`divergence.py`), TensorBoard
+scalars and a console progress line, and periodic COCO evaluation
+(`evaluator.py`).
 """
 import functools
-import json
 import os
 import re
 import shutil
@@ -22,12 +22,9 @@ from typing import Callable, Dict, Optional
 
 from absl import logging
 import gin
-import numpy as np
 import tensorflow as tf
 
 from megdet_tf.dataloaders.input_reader import InputReader
-from megdet_tf.evaluation.coco_evaluator import COCOEvaluator
-from megdet_tf.evaluation.image_summaries import EvalImageSummaries
 from megdet_tf.modeling import checkpoint_fit
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling.init_checkpoint import initialize_from_checkpoint
@@ -37,25 +34,20 @@ from megdet_tf.modeling.losses import FasterRCNNLoss
 from megdet_tf.modeling.pretrained import load_keras_applications_resnet
 from megdet_tf.optimization import lr_schedule as lr_schedule_lib
 from megdet_tf.optimization import optimizer as optimizer_lib
+from megdet_tf.training import divergence
+from megdet_tf.training import evaluator as evaluator_lib
 from megdet_tf.training import peer_errors
 from megdet_tf.training import profiling
 from megdet_tf.training import strategy as strategy_lib
 
 
 LOSS_KEYS = FasterRCNNLoss.KEYS + ("gradient_norm",)
-DIVERGED_FILE = "diverged.json"  # In model_dir, after a divergence stop.
-DETECTION_KEYS = ("detection_boxes", "detection_scores", "detection_classes",
-                  "num_detections")
 
 
 # tools/train.py's exit codes for the two ends a job scheduler acts on; 42 is
 # TensorFlow's restart code for a preempted job (its Borg default).
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 42
-
-
-class TrainingDivergedError(RuntimeError):
-  """The loss became non-finite or exploded; no diverged checkpoint is left."""
 
 
 class PreemptedError(RuntimeError):
@@ -122,10 +114,7 @@ class DetectorTrainer:
     self._checkpoint_every_steps = checkpoint_every_steps
     self._eval_every_steps = eval_every_steps
     self._log_every_seconds = log_every_seconds
-    self._max_loss = max_loss
     self._jit_compile = jit_compile
-    self._eval_steps = eval_steps
-    self._num_summary_images = num_summary_images
 
     self.train_reader = train_reader
     self.eval_reader = eval_reader
@@ -156,6 +145,12 @@ class DetectorTrainer:
         self.checkpoint, directory, max_to_keep=keep_checkpoints,
         step_counter=self.optimizer.iterations)
     self.loss_fn = FasterRCNNLoss()
+    self._divergence = divergence.DivergenceGuard(
+        model_dir, self.checkpoint_manager, self.schedule, max_loss,
+        self.is_chief)
+    self._evaluator = evaluator_lib.DetectorEvaluator(
+        strategy, self.model, eval_reader, self.category_map, eval_steps,
+        num_summary_images)
     self._summary_dir = model_dir if self.is_chief else directory
     self._profile_window = profiling.ProfileWindow(model_dir,
                                                    capture=self.is_chief)
@@ -299,7 +294,7 @@ class DetectorTrainer:
           batch = next(iterator)
         losses = self._reduce(self.strategy.run(replica_step, args=batch))
         steps += 1
-        if not self._is_healthy(losses["total_loss"]):
+        if not self._divergence.is_healthy(losses["total_loss"]):
           break
       return losses, steps
 
@@ -309,61 +304,6 @@ class DetectorTrainer:
     """Mean over replicas of each loss term."""
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
             for k, v in per_replica_losses.items()}
-
-  def _is_healthy(self, total_loss) -> tf.Tensor:
-    return tf.math.is_finite(total_loss) & (total_loss <= self._max_loss)
-
-  def _check_divergence(self, losses: Dict[str, float],
-                        first_step_of_loop: bool):
-    """Raises `TrainingDivergedError`; the chief also writes `DIVERGED_FILE`.
-
-    A step's loss is computed on the weights before its update, so the
-    update that diverges is seen one step later. When that step is the first
-    after a checkpoint, the checkpoint holds the diverged weights: it is
-    removed, and the latest checkpoint left is one whose own loss was
-    healthy. The file (step, learning rate, loss terms) is what a script or
-    a job scheduler reads instead of the log; a later run in model_dir
-    removes it.
-    """
-    if bool(self._is_healthy(losses["total_loss"])):
-      return
-    bad = [k for k, v in losses.items() if not np.isfinite(v)] or [
-        max((k for k in losses if k.endswith("loss") and k != "total_loss"),
-            key=lambda k: losses[k])]
-    learning_rate = float(self.schedule(self.step - 1))
-    removed = (self._remove_latest_checkpoint(self.step - 1)
-               if first_step_of_loop and self.is_chief else None)
-    if self.is_chief:
-      with open(os.path.join(self.model_dir, DIVERGED_FILE), "w") as f:
-        json.dump(dict(step=self.step, learning_rate=learning_rate,
-                       bad_terms=bad, losses=losses,
-                       removed_checkpoint=removed), f, indent=1)
-    raise TrainingDivergedError(
-        f"Training diverged at step {self.step}: total_loss="
-        f"{losses['total_loss']:.4g} (max_loss={self._max_loss:g}), "
-        f"learning rate {learning_rate:.4g}; "
-        f"first bad term: {', '.join(bad)} (all terms: " +
-        ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items())) +
-        "). " + (f"Checkpoint {removed} held the diverged weights and was "
-                 "removed; " if removed else "") +
-        f"the latest checkpoint in {self.model_dir} is a healthy state. "
-        "Lower the learning rate, lengthen the warmup or use cross-replica "
-        "BN (norm 'cgbn').")
-
-  def _remove_latest_checkpoint(self, step: int) -> Optional[str]:
-    """Deletes the latest checkpoint if it is of `step`; returns its path."""
-    checkpoints = list(self.checkpoint_manager.checkpoints)
-    if not checkpoints or not checkpoints[-1].endswith(f"-{step}"):
-      return None
-    for path in tf.io.gfile.glob(checkpoints[-1] + ".*"):
-      tf.io.gfile.remove(path)
-    if len(checkpoints) > 1:
-      tf.compat.v1.train.update_checkpoint_state(
-          self.model_dir, checkpoints[-2],
-          all_model_checkpoint_paths=checkpoints[:-1])
-    else:
-      tf.io.gfile.remove(os.path.join(self.model_dir, "checkpoint"))
-    return checkpoints[-1]
 
   # --- Public entry points --------------------------------------------------
 
@@ -376,9 +316,7 @@ class DetectorTrainer:
     """
     self.resume_or_initialize()
     preemption = self._preemption  # Watches SIGTERM from here on.
-    diverged = os.path.join(self.model_dir, DIVERGED_FILE)
-    if self.is_chief and os.path.exists(diverged):
-      os.remove(diverged)
+    self._divergence.clear()
     end = min(self.total_steps, max_steps or self.total_steps)
     if self._train_loop is None:
       self._train_loop = self._build_train_loop()
@@ -390,7 +328,8 @@ class DetectorTrainer:
       with self._profile_window.loop(self.step, num_steps, end):
         losses, steps = self._train_loop(iterator, tf.constant(num_steps))
         losses = {k: float(v) for k, v in losses.items()}
-      self._check_divergence(losses, first_step_of_loop=int(steps) == 1)
+      self._divergence.check(losses, self.step,
+                             first_step_of_loop=int(steps) == 1)
       elapsed = time.time() - start
       self._write_train_summaries(losses, int(steps), elapsed, traced)
       if time.time() - last_log >= self._log_every_seconds or self.step >= end:
@@ -446,64 +385,5 @@ class DetectorTrainer:
   @peer_errors.names_lost_peers
   def evaluate(self) -> Dict[str, float]:
     """COCO metrics of the current weights on the eval split."""
-    evaluator = COCOEvaluator(category_map=self.category_map)
-    images_summary = EvalImageSummaries(
-        evaluator.ground_truth, self.category_map, self._num_summary_images)
-
-    dataset = self.eval_reader.distribute(self.strategy)
-    for i, (images, labels) in enumerate(dataset):
-      if self._eval_steps is not None and i >= self._eval_steps:
-        break
-      predictions = tf.nest.map_structure(lambda t: t.numpy(),
-                                          self._predict(images, labels))
-      evaluator.update(predictions)
-      local = self.strategy.experimental_local_results
-      images_summary.add(local(images), local(labels["source_id"]),
-                         predictions)
-    if self.is_chief:
-      evaluator.write_detections(os.path.join(self.model_dir,
-                                              "detections_val.json"))
-    if (self._eval_steps is None and
-        evaluator.num_images < len(evaluator.ground_truth.imgs)):
-      logging.warning(
-          "Evaluated %d of the %d images of %s: the eval TFRecords "
-          "(eval/InputReader.file_pattern) hold only part of that split, so "
-          "the metrics are for that part.", evaluator.num_images,
-          len(evaluator.ground_truth.imgs), evaluator.annotations_file)
-    metrics = evaluator.evaluate()
-    with self._summary_writer.as_default(step=self.step):
-      for name, value in metrics.items():
-        tf.summary.scalar(f"eval/{name}", value)
-      images_summary.write()
-    self._summary_writer.flush()
-    logging.info("step %d COCO metrics: %s", self.step,
-                 "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return metrics
-
-  @tf.function
-  def _predict(self, images, labels):
-    """Detections of every replica's images (traced once per batch shape)."""
-    return self.strategy.experimental_local_results(
-        self.strategy.run(self._replica_predict, args=(images, labels)))[0]
-
-  def _replica_predict(self, images, labels):
-    """Every replica's outputs, gathered on each replica.
-
-    The replica context's all-gather, not `strategy.gather`: in TF 2.20 the
-    latter returns only the first replica's rows under MirroredStrategy on
-    logical CPU devices.
-    """
-    # A short last batch can leave a replica with no image, and the CPU
-    # kernels fail on an empty batch: run one blank image instead, keep none.
-    count = tf.shape(images)[0]
-    pad = tf.cast(tf.equal(count, 0), tf.int32)
-    images, model_labels = tf.nest.map_structure(
-        lambda t: tf.concat([t, tf.zeros(
-            tf.concat([[pad], tf.shape(t)[1:]], 0), t.dtype)], 0),
-        (images, {k: labels[k] for k in ("image_info", "anchor_boxes")}))
-    outputs = self.model.call_with_labels(images, model_labels,
-                                          training=False)
-    outputs = {k: outputs[k][:count] for k in DETECTION_KEYS}
-    return tf.distribute.get_replica_context().all_gather(
-        dict(source_id=labels["source_id"], image_info=labels["image_info"],
-             **outputs), axis=0)
+    return self._evaluator.evaluate(self.step, self._summary_writer,
+                                    self.model_dir if self.is_chief else None)

@@ -11,12 +11,6 @@ from megdet_tf.modeling import checkpoint_fit
 from megdet_tf.modeling import faster_rcnn
 
 
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
 def _build(tiny_detector_gin, extra=""):
   gin.clear_config()
   gin.parse_config(textwrap.dedent(tiny_detector_gin) + extra)

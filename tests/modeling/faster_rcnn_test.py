@@ -42,12 +42,6 @@ DetectionGenerator.max_num_detections = 10
 """
 
 
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
 def _decoded_example(seed):
   """A decoded TF Example (as TfExampleDecoder gives) with 1-3 boxes."""
   rng = np.random.default_rng(seed)

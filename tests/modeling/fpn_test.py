@@ -8,12 +8,6 @@ import tensorflow as tf
 from megdet_tf.modeling.decoders import fpn
 
 
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
 def _backbone_features(size=64, channels=(8, 16, 32, 64), seed=0):
   return {str(level): tf.random.stateless_normal(
       [2, size // 2**level, size // 2**level, c], seed=[seed, level])

@@ -1,4 +1,6 @@
 """Initialising a detector from a trainer checkpoint: all, backbone, errors."""
+import textwrap
+
 import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
 import gin
 import numpy as np
@@ -8,28 +10,18 @@ import tensorflow as tf
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling.init_checkpoint import initialize_from_checkpoint
 
-TINY = """
-ResNet.depth = 18
-ResNet.width_multiplier = 0.125
-ResNet.freeze_at = 0
-FPN.num_filters = 16
-RPNHead.num_filters = 16
-BoxHead.fc_dims = 32
-"""
 
-
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
-def _build(norm="bn", extra=""):
-  """A tiny detector; every build names its variables alike."""
-  tf.keras.backend.clear_session()
-  gin.clear_config()
-  gin.parse_config(TINY + f"build_norm.norm = '{norm}'\n" + extra)
-  return faster_rcnn.build_faster_rcnn(num_classes=4)
+@pytest.fixture
+def build(tiny_detector_gin):
+  """`build(norm, extra_gin)`: conftest's tiny detector with that norm; every
+  build names its variables alike."""
+  def build_tiny(norm="bn", extra=""):
+    tf.keras.backend.clear_session()
+    gin.clear_config()
+    gin.parse_config(textwrap.dedent(tiny_detector_gin) +
+                     f"build_norm.norm = '{norm}'\n" + extra)
+    return faster_rcnn.build_faster_rcnn(num_classes=4)
+  return build_tiny
 
 
 def _randomize(model, seed):
@@ -60,12 +52,12 @@ def _assert_equal(got, want):
 
 
 def test_backbone_only_takes_backbone_and_its_statistics_into_frozen_norms(
-    tmp_path):
-  source = _build("bn")
+    tmp_path, build):
+  source = build("bn")
   _randomize(source, 0)
   path = _trainer_checkpoint(tmp_path, source)
 
-  target = _build("frozen")
+  target = build("frozen")
   _randomize(target, 1)
   decoder_before = _values(target.decoder)
   assert initialize_from_checkpoint(
@@ -75,27 +67,27 @@ def test_backbone_only_takes_backbone_and_its_statistics_into_frozen_norms(
   _assert_equal(_values(target.decoder), decoder_before)
 
 
-def test_all_takes_every_model_variable(tmp_path):
-  source = _build("bn")
+def test_all_takes_every_model_variable(tmp_path, build):
+  source = build("bn")
   _randomize(source, 0)
   path = _trainer_checkpoint(tmp_path, source)
-  target = _build("cgbn")
+  target = build("cgbn")
   _randomize(target, 1)
   initialize_from_checkpoint(target, init_checkpoint=path)
   _assert_equal(_values(target), _values(source))
 
 
-def test_none_leaves_the_model_alone():
-  model = _build()
+def test_none_leaves_the_model_alone(build):
+  model = build()
   before = _values(model)
   assert initialize_from_checkpoint(model, init_checkpoint=None) is None
   _assert_equal(_values(model), before)
 
 
 def test_a_checkpoint_of_another_width_is_refused_naming_file_and_variable(
-    tmp_path):
-  path = _trainer_checkpoint(tmp_path, _build("bn"))
-  target = _build("bn", "ResNet.width_multiplier = 0.25\n")
+    tmp_path, build):
+  path = _trainer_checkpoint(tmp_path, build("bn"))
+  target = build("bn", "ResNet.width_multiplier = 0.25\n")
   with pytest.raises(ValueError, match=(
       r"ckpt-7 does not match this model: model/backbone/\S+ is "
       r"\[3, 3, 8, 8\] in it but \[3, 3, 16, 16\] in the model "
@@ -104,8 +96,9 @@ def test_a_checkpoint_of_another_width_is_refused_naming_file_and_variable(
                                init_checkpoint_modules=["backbone"])
 
 
-def test_missing_checkpoint_and_unknown_module_are_clear_errors(tmp_path):
-  model = _build()
+def test_missing_checkpoint_and_unknown_module_are_clear_errors(tmp_path,
+                                                                build):
+  model = build()
   with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
     initialize_from_checkpoint(model, init_checkpoint=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"nothing-7.index is missing"):

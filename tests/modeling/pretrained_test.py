@@ -20,12 +20,6 @@ _OUTPUTS = {"2": "conv2_block3_out", "3": "conv3_block4_out",
             "4": "conv4_block6_out", "5": "conv5_block3_out"}
 
 
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """(Keras Applications C2-C5 feature model, path of its .h5 weights)."""

@@ -9,12 +9,6 @@ from megdet_tf.modeling.backbones import resnet
 from megdet_tf.modeling.layers import normalization
 
 
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
 def _images(batch=2, size=64, seed=0):
   return tf.random.stateless_normal([batch, size, size, 3], seed=[seed, 1])
 

@@ -2,16 +2,9 @@
 import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
 import gin
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from megdet_tf.modeling.heads import rpn_head
-
-
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
 
 
 def _features(channels=8, size=32):

@@ -19,12 +19,6 @@ def runner(tmp_path):
                                 log=lambda line: None)
 
 
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
-
-
 @pytest.mark.parametrize("run", [
     grid.Run(16, 0), grid.Run(16, 4), grid.Run(64, 0, peak_scale=0.5),
     grid.Run(256, 32), grid.Run(512, 32, replicas=16),

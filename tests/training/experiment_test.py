@@ -2,7 +2,6 @@
 import json
 
 import megdet_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TF)
-import gin
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,12 +9,6 @@ import tensorflow as tf
 from official.vision.data import tf_example_builder
 
 from megdet_tf.training import experiment
-
-
-@pytest.fixture(autouse=True)
-def clear_gin():
-  yield
-  gin.clear_config()
 
 
 def test_malformed_eval_annotations_fail_before_the_strategy(tmp_path):

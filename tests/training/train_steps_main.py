@@ -3,19 +3,19 @@
   python tests/training/train_steps_main.py MODEL_DIR STEPS GIN_PARAM...
 
 Builds everything as tools/train.py does (gin/demo.gin plus the bindings),
-then prints one JSON line: the total loss after each step, the largest
+then prints its `result_line`: the total loss after each step, the largest
 difference between any replica's copy of a weight and replica 0's, a
 checksum of the weights (to compare workers), the detector's normalization
 layer classes and how many of them moved their moving mean off its zero
 initial value.
 """
-import json
 import sys
 
 import megdet_tf  # noqa: F401  pylint: disable=unused-import
 import numpy as np
 import tensorflow as tf
 
+from megdet_tf import result_line
 from megdet_tf.training import experiment
 
 
@@ -32,14 +32,14 @@ def main(model_dir, steps, gin_params):
                        for v in trainer.model.trainable_variables))
   norms = [layer for layer in trainer.model.submodules
            if isinstance(layer, tf.keras.layers.BatchNormalization)]
-  print("RESULT " + json.dumps({
+  result_line.print_result({
       "losses": losses, "replica_weight_max_diff": replica_diff,
       "checksum": checksum,
       "num_replicas": trainer.strategy.num_replicas_in_sync,
       "norm_classes": sorted({type(n).__name__ for n in norms}),
       "norms": len(norms),
       "norms_moved": sum(bool(np.any(n.moving_mean.numpy() != 0))
-                         for n in norms)}), flush=True)
+                         for n in norms)})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from megdet_tf import result_line
 from megdet_tf.evaluation import coco_evaluator
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -95,7 +96,7 @@ def test_mirrored_steps_lower_the_loss_and_keep_replicas_identical(tmp_path):
                tiny_params(str(tmp_path / "data"), replicas=4,
                            **{"ResNet.recompute": True}))
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.split("RESULT ")[-1])
+  report = result_line.read_result(result.stdout)
   assert report["num_replicas"] == 4
   assert report["norm_classes"] == ["CrossReplicaBatchNormalization"]
   assert report["norms_moved"] == report["norms"] > 0
@@ -113,7 +114,7 @@ def test_one_image_per_replica_trains(tmp_path):
                tiny_params(str(tmp_path / "data"), replicas=2,
                            GLOBAL_BATCH_SIZE=2))
   assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
-  report = json.loads(result.stdout.split("RESULT ")[-1])
+  report = result_line.read_result(result.stdout)
   assert report["num_replicas"] == 2
   assert len(report["losses"]) == 3 and all(np.isfinite(report["losses"]))
 
@@ -260,7 +261,7 @@ def test_two_localhost_workers_train_identical_weights(tmp_path):
       w.kill()
   for w, (_, stderr) in zip(workers, outputs):
     assert w.returncode == 0, "\n".join(e[-3000:] for _, e in outputs)
-  reports = [json.loads(out.split("RESULT ")[-1]) for out, _ in outputs]
+  reports = [result_line.read_result(out) for out, _ in outputs]
   assert [r["num_replicas"] for r in reports] == [2, 2]
   assert reports[0]["checksum"] == reports[1]["checksum"]
   assert reports[0]["losses"] == reports[1]["losses"]
@@ -364,6 +365,19 @@ def test_workers_that_restored_different_steps_stop_naming_them(tmp_path):
     assert ("Workers resumed from different steps: worker 0: step 2, "
             "worker 1: step 0" in stderr), stderr[-3000:]
   assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-2")
+
+
+@pytest.mark.slow
+def test_the_console_ends_saying_where_the_outputs_are(trained_demo):
+  model_dir = trained_demo.model_dir
+  assert trained_demo.console.rstrip().endswith("\n".join([
+      f"Outputs in {model_dir}:",
+      f"  checkpoint   {model_dir}/ckpt-{trained_demo.steps}",
+      f"  config       {model_dir}/operative_config.gin",
+      f"  detections   {model_dir}/detections_val.json",
+      f"  TensorBoard  tensorboard --logdir={model_dir}"])), (
+          trained_demo.console[-2000:])
+  assert trained_demo.console.count("Outputs in") == 1
 
 
 @pytest.mark.slow

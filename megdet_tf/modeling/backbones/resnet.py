@@ -32,6 +32,7 @@ import gin
 import tensorflow as tf
 
 from megdet_tf.modeling.layers import conv2d
+from megdet_tf.modeling.layers import initializers
 from megdet_tf.modeling.layers import normalization
 
 # depth -> (block kind, blocks per stage 2..5).
@@ -44,19 +45,13 @@ RESNET_SPECS = {
 _STAGE_FILTERS = (64, 128, 256, 512)
 
 
-def _kernel_initializer():
-  # He init over the fan-out, as Detectron2's `c2_msra_fill`.
-  return tf.keras.initializers.VarianceScaling(2.0, "fan_out",
-                                               "untruncated_normal")
-
-
 def _conv(filters: int, kernel_size: int, strides: int,
           name: str) -> conv2d.Conv2D:
   """Bias-free conv; strided ones get symmetric padding in `_apply_conv`."""
   return conv2d.Conv2D(
       filters, kernel_size, strides=strides,
       padding="same" if strides == 1 else "valid", use_bias=False,
-      kernel_initializer=_kernel_initializer(), name=name)
+      kernel_initializer=initializers.msra_fill(), name=name)
 
 
 def _apply_conv(conv: conv2d.Conv2D, x: tf.Tensor) -> tf.Tensor:

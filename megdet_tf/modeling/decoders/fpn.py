@@ -12,12 +12,8 @@ import gin
 import tensorflow as tf
 
 from megdet_tf.modeling.layers import conv2d
+from megdet_tf.modeling.layers import initializers
 from megdet_tf.modeling.layers import normalization
-
-
-def xavier_fill() -> tf.keras.initializers.Initializer:
-  """Detectron2's `c2_xavier_fill` (kaiming_uniform with a=1)."""
-  return tf.keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")
 
 
 @tf.keras.utils.register_keras_serializable(package="megdet_tf")
@@ -57,7 +53,7 @@ class FPN(tf.keras.Model):
                         norm=normalization.norm_spec(norm))
     conv = lambda kernel, name: conv2d.Conv2D(
         num_filters, kernel, padding="same", use_bias=not use_norm,
-        kernel_initializer=xavier_fill(), name=name)
+        kernel_initializer=initializers.xavier_fill(), name=name)
     norm = lambda name: (
         normalization.build_norm(name=name, **self._config["norm"])
         if use_norm else tf.keras.layers.Identity(name=name))

@@ -13,12 +13,8 @@ import gin
 import tensorflow as tf
 
 from megdet_tf.modeling.layers import conv2d
+from megdet_tf.modeling.layers import initializers
 from megdet_tf.modeling.layers import normalization
-
-
-def _xavier_fill() -> tf.keras.initializers.Initializer:
-  # Detectron2's `c2_xavier_fill` (kaiming_uniform with a=1).
-  return tf.keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")
 
 
 @tf.keras.utils.register_keras_serializable(package="megdet_tf")
@@ -60,8 +56,9 @@ class BoxHead(tf.keras.layers.Layer):
                                                 **self._config["norm"])
                        for i in range(num_convs)]
     self.fcs = [tf.keras.layers.Dense(
-        fc_dims, use_bias=not fc_norm, kernel_initializer=_xavier_fill(),
-        name=f"fc_{i}") for i in range(num_fcs)]
+        fc_dims, use_bias=not fc_norm,
+        kernel_initializer=initializers.xavier_fill(), name=f"fc_{i}")
+                for i in range(num_fcs)]
     self.fc_norms = [normalization.build_norm(name=f"fc_{i}_norm",
                                               **self._config["norm"])
                      for i in range(num_fcs)] if fc_norm else []

@@ -11,13 +11,6 @@ from megdet_tf.modeling import layers
 GIN_NORM = pathlib.Path(__file__).parents[3] / "gin" / "norm"
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 @pytest.mark.parametrize("norm, cls", [
     ("frozen", layers.FrozenBatchNormalization),
     ("bn", tf.keras.layers.BatchNormalization),
