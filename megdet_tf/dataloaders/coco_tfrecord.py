@@ -261,12 +261,9 @@ def convert_coco(image_dir: str,
   """Converts one COCO split to `num_shards` TFRecord files.
 
   Examples go to the shards round-robin in the json's image order, so shards
-  differ in size by at most one example. Runs sequentially. Decoding every
-  image once to find corrupt files is most of the time (Pillow: about 2 ms
-  for a 640x480 JPEG, so about 4 minutes for COCO train2017 plus disk time).
-  Before images were decoded, a 2-process pool like Model Garden's was
-  slower than this loop (each encoded example is pickled back to the writing
-  process); not measured since.
+  differ in size by at most one example. Runs sequentially: decoding every
+  image once to find corrupt files is most of the time, and a process pool
+  like Model Garden's would pickle each encoded example back to the writer.
 
   Args:
     image_dir: directory holding the images' `file_name`s.

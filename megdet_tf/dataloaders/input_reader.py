@@ -105,8 +105,7 @@ class InputReader:
     Reads every record (their checksums too), parses the first, and checks
     that the records fill the file: a shard cut short, by an interrupted
     copy for instance, fails here and not when training reaches its end.
-    About a minute for COCO train2017 (18 GB) from the page cache, else
-    disk speed. Doesn't start TensorFlow's device runtime, so it can run
+    Costs one read of the files (page cache or disk speed). Doesn't start TensorFlow's device runtime, so it can run
     before a strategy splits the CPU into logical devices.
     """
     paths = self.files()

@@ -4,9 +4,9 @@ Per-replica BN runs one fused kernel forward and one backward. Group BN must
 know its group's statistics before it normalizes, and with TensorFlow's fused
 kernels alone that costs an extra training-mode kernel forward (for the local
 statistics; it also writes an output nobody reads) and two extra passes
-backward (the group's correction of dx, then its sum). On 8 logical CPU
-replicas that made a ResNet-50 step ~5-8% longer even with the collectives
-removed. Three ops (group_norm_kernels.cc) do the same work in the passes it
+backward (the group's correction of dx, then its sum), which made group BN
+slower than per-replica BN on CPUs even without collectives (benchmarks'
+cgbn_overhead measures both). Three ops (group_norm_kernels.cc) do the same work in the passes it
 needs:
 
   megdet_channel_moments(x)        per-channel mean and M2 = sum (x - mean)^2:

@@ -91,7 +91,7 @@ def _exit_unless_done_within(timeout_seconds: float):
 
   MultiWorkerMirroredStrategy waits in TensorFlow's runtime until every
   worker of TF_CONFIG has started its own: a worker that failed before then
-  leaves the others waiting (still after 10 minutes when measured). That
+  leaves the others waiting, with no timeout of its own. That
   wait holds the GIL and neither raises nor yields to SIGTERM (TensorFlow's
   preemption notifier catches it), so only faulthandler's watchdog thread,
   which needs no GIL, can end it; it prints where each thread waited.
