@@ -26,19 +26,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 CATEGORY_MAP = CategoryMap([2, 5, 9])
 SIZE = 128
-TINY = """
-ResNet.depth = 18
-ResNet.width_multiplier = 0.25
-ResNet.freeze_at = 0
-FPN.num_filters = 16
-RPNHead.num_filters = 16
-BoxHead.fc_dims = 32
+# Over conftest's tiny detector: few proposals and RoIs, so shapes are small.
+PROPOSALS = """
 MultilevelROIGenerator.pre_nms_top_k = 100
 MultilevelROIGenerator.num_proposals = 50
-MultilevelROIGenerator.test_pre_nms_top_k = 100
-MultilevelROIGenerator.test_num_proposals = 50
 ROISampler.num_sampled_rois = 16
-DetectionGenerator.max_num_detections = 10
 """
 
 
@@ -69,9 +61,16 @@ def make_batch(batch_size=2, training=True, first_seed=0):
   return images, labels
 
 
-def build_tiny(norm="frozen", extra=""):
-  gin.parse_config(TINY + f"build_norm.norm = '{norm}'\n" + extra)
-  return faster_rcnn.build_faster_rcnn(num_classes=CATEGORY_MAP.num_classes)
+@pytest.fixture
+def build_tiny(tiny_detector_gin):
+  """Builds conftest's tiny detector with `norm` and `extra` bindings."""
+
+  def build(norm="frozen", extra=""):
+    gin.parse_config(tiny_detector_gin + PROPOSALS +
+                     f"build_norm.norm = '{norm}'\n" + extra)
+    return faster_rcnn.build_faster_rcnn(num_classes=CATEGORY_MAP.num_classes)
+
+  return build
 
 
 def train_step(model, images, labels, optimizer):
@@ -83,7 +82,7 @@ def train_step(model, images, labels, optimizer):
   return terms
 
 
-def test_training_outputs():
+def test_training_outputs(build_tiny):
   model = build_tiny()
   images, labels = make_batch()
   outputs = model.call_with_labels(images, labels, training=True)
@@ -104,7 +103,7 @@ def test_training_outputs():
   assert "detection_boxes" not in outputs
 
 
-def test_inference_outputs_and_detections():
+def test_inference_outputs_and_detections(build_tiny):
   model = build_tiny()
   images, labels = make_batch(training=False)
   outputs = model.call_with_labels(images, labels, training=False)
@@ -140,7 +139,7 @@ def _norm_layers(model):
 
 
 @pytest.mark.parametrize("norm", normalization.NORMS)
-def test_norm_kinds_in_a_training_step(norm):
+def test_norm_kinds_in_a_training_step(norm, build_tiny):
   model = build_tiny(norm, "BoxHead.num_convs = 1\nFPN.use_norm = True\n")
   norms = _norm_layers(model)
   assert len(norms) == 20 + 8 + 1  # Backbone, FPN, box head conv.
@@ -163,7 +162,7 @@ def test_norm_kinds_in_a_training_step(norm):
   assert sum(changed) >= 0.9 * len(changed)
 
 
-def test_get_config_round_trip():
+def test_get_config_round_trip(build_tiny):
   model = build_tiny(extra="AnchorSpec.anchor_size = 4.0\n")
   config = model.get_config()
   json.dumps(config)  # Plain data, not live layers.
@@ -183,7 +182,7 @@ def test_get_config_round_trip():
     np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-4)
 
 
-def test_the_config_carries_the_norm_without_gin():
+def test_the_config_carries_the_norm_without_gin(build_tiny):
   """from_config rebuilds CGBN with its group size and epsilon everywhere,
   the FPN and heads included, after Gin is cleared."""
   model = build_tiny("cgbn", "build_norm.group_size = 2\n"
@@ -206,7 +205,7 @@ def test_the_config_carries_the_norm_without_gin():
     assert (norm.group_size, norm.epsilon) == (2, 1e-3), norm.name
 
 
-def test_mixed_bfloat16_keeps_boxes_float32():
+def test_mixed_bfloat16_keeps_boxes_float32(build_tiny):
   tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
     model = build_tiny()
@@ -224,7 +223,7 @@ def test_mixed_bfloat16_keeps_boxes_float32():
     tf.keras.mixed_precision.set_global_policy("float32")
 
 
-def test_a_config_from_before_anchor_spec_is_refused():
+def test_a_config_from_before_anchor_spec_is_refused(build_tiny):
   config = build_tiny().get_config()
   config.update(config.pop("anchor_spec"))
   with pytest.raises(ValueError, match="without 'anchor_spec'"):
