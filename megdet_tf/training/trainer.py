@@ -28,6 +28,7 @@ from megdet_tf.dataloaders.input_reader import InputReader
 from megdet_tf.modeling import checkpoint_fit
 from megdet_tf.modeling import faster_rcnn
 from megdet_tf.modeling.init_checkpoint import initialize_from_checkpoint
+from megdet_tf.modeling.layers import normalization
 from megdet_tf.modeling.layers.cross_replica_batch_norm import (
     CrossReplicaBatchNormalization)
 from megdet_tf.modeling.losses import FasterRCNNLoss
@@ -320,6 +321,8 @@ class DetectorTrainer:
     end = min(self.total_steps, max_steps or self.total_steps)
     if self._train_loop is None:
       self._train_loop = self._build_train_loop()
+    if self.step < end:
+      self._log_setup(end)
     iterator = iter(self.train_reader.distribute(self.strategy, self.step))
     last_log, losses, traced = 0.0, {}, True
     while self.step < end:
@@ -369,6 +372,18 @@ class DetectorTrainer:
       tf.summary.scalar("train/images_per_second",
                         steps * self.global_batch_size / elapsed)
       tf.summary.scalar("train/step_time_seconds", elapsed / steps)
+
+  def _log_setup(self, end):
+    """What the run trains: the batch's split, the BN size, the LR ramp."""
+    replicas = self.strategy.num_replicas_in_sync
+    per_replica = self.global_batch_size // replicas
+    logging.info(
+        "Training steps %d-%d: %d replicas x %d images, BN size %d; LR %.4g "
+        "rising to %.4g over %d steps", self.step + 1, end, replicas,
+        per_replica, normalization.bn_size(
+            per_replica, len(self.strategy.extended.worker_devices)),
+        self.schedule.warmup_start_learning_rate,
+        self.schedule.peak_learning_rate, self.schedule.warmup_steps)
 
   def _log_progress(self, losses, steps, elapsed, end, traced):
     """One console line; the loop that traced the step has no fair rate."""

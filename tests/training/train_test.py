@@ -368,7 +368,7 @@ def test_workers_that_restored_different_steps_stop_naming_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_console_ends_saying_where_the_outputs_are(trained_demo):
+def test_the_console_says_what_it_trains_and_where_the_outputs_are(trained_demo):
   model_dir = trained_demo.model_dir
   assert trained_demo.console.rstrip().endswith("\n".join([
       f"Outputs in {model_dir}:",
@@ -378,6 +378,10 @@ def test_the_console_ends_saying_where_the_outputs_are(trained_demo):
       f"  TensorBoard  tensorboard --logdir={model_dir}"])), (
           trained_demo.console[-2000:])
   assert trained_demo.console.count("Outputs in") == 1
+  # And begins saying what it trains (demo: cgbn over the worker's replicas).
+  assert (f"Training steps 1-{trained_demo.steps}: 2 replicas x 2 images, "
+          "BN size 4; LR 0.002 rising to 0.08 over 50 steps"
+          in trained_demo.console), trained_demo.console[:3000]
 
 
 @pytest.mark.slow
