@@ -9,7 +9,8 @@ ends, the run's outcome, metrics and curves are written to
 
 - a run with a record is never redone;
 - an interrupted run (no record) resumes from its latest checkpoint, written
-  every epoch, and its wall time adds up over the attempts;
+  every epoch, and its wall time adds up over the attempts (kept on disk
+  while a run trains, so an attempt that ends with the runner still counts);
 - a divergence stop (exit 3, `diverged.json`) is recorded as `failed` with
   its step; any other error as `error` with the log's tail (retried only when
   asked); a process ended by a signal leaves no record, so it resumes.
@@ -29,7 +30,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import IO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 import tensorflow as tf
@@ -266,12 +267,10 @@ class StudyRunner:
                "--mode=train_and_eval"] + [
                    f"--gin_param={p}" for p in self.gin_params]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    start = time.time()
     with open(os.path.join(run_dir, "train.log"), "a") as log:
-      returncode = subprocess.run(command, cwd=self.work_dir, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT,
-                                  check=False).returncode
-    wall = self._add_wall_time(run_dir, time.time() - start)
+      returncode, wall = run_timed(
+          command, log, os.path.join(run_dir, "wall_seconds.json"),
+          cwd=self.work_dir, env=env)
     if returncode < 0 or returncode == trainer_lib.EXIT_PREEMPTED:
       how = ("preempted" if returncode > 0 else
              f"ended by signal {-returncode}")
@@ -281,17 +280,6 @@ class StudyRunner:
     record = self._record(plan, model_dir, returncode, wall, command)
     self._write_record(record)
     return record
-
-  @staticmethod
-  def _add_wall_time(run_dir: str, seconds: float) -> float:
-    path = os.path.join(run_dir, "wall_seconds.json")
-    total = seconds
-    if os.path.exists(path):
-      with open(path) as f:
-        total += json.load(f)
-    with open(path, "w") as f:
-      json.dump(total, f)
-    return total
 
   def _record(self, plan: Plan, model_dir: str, returncode: int,
               wall: float, command: List[str]) -> dict:
@@ -327,6 +315,38 @@ class StudyRunner:
         tail = f.read()[-2000:]
       record.update(status="error", log_tail=tail)
     return record
+
+
+def run_timed(command: Sequence[str], log: IO[str], wall_path: str,
+              tick_seconds: float = 30.0, **popen_args) -> Tuple[int, float]:
+  """Runs `command`, adding its wall time to the JSON number at `wall_path`.
+
+  The total is rewritten every `tick_seconds` while the command runs, not
+  only at its end, so an attempt ended together with this process (a
+  session's end, a preemption) still counts, to within a tick. Returns the
+  command's exit code and the total.
+  """
+  before = 0.0
+  if os.path.exists(wall_path):
+    with open(wall_path) as f:
+      before = json.load(f)
+  start = time.time()
+
+  def write_total() -> float:
+    total = before + time.time() - start
+    with open(wall_path + ".tmp", "w") as f:
+      json.dump(round(total, 1), f)
+    os.replace(wall_path + ".tmp", wall_path)
+    return total
+
+  process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                             **popen_args)
+  while True:
+    try:
+      returncode = process.wait(timeout=tick_seconds)
+      return returncode, write_total()
+    except subprocess.TimeoutExpired:
+      write_total()
 
 
 def _clock(seconds: float) -> str:

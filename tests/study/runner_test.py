@@ -1,7 +1,13 @@
 """Planning a study run: its Gin file and the schedule the trainer derives.
 
-Training itself is tested end to end in tests/tools/study_test.py.
+Training itself is tested end to end in tests/tools/study_test.py; here,
+how a run's wall time is kept.
 """
+import json
+import sys
+import threading
+import time
+
 import gin
 import pytest
 
@@ -86,3 +92,36 @@ def test_ablation_sets_warmup_and_norm_in_heads_only_where_named(runner, run):
     assert gin.query_parameter(binding) == run.norm_in_heads, binding
   assert ("_heads" in run.name) == run.norm_in_heads
   assert ("_wu" in run.name) == (run.warmup_epochs is not None)
+
+
+def test_wall_time_is_on_disk_while_the_run_trains_and_adds_up(tmp_path):
+  wall_path = str(tmp_path / "wall_seconds.json")
+  command = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+  result = {}
+
+  def attempt():
+    with open(tmp_path / "train.log", "a") as log:
+      result["returned"] = runner_lib.run_timed(command, log, wall_path,
+                                                tick_seconds=0.1)
+
+  thread = threading.Thread(target=attempt)
+  thread.start()
+  written_while_running = None
+  while thread.is_alive() and written_while_running is None:
+    try:
+      with open(wall_path) as f:
+        written_while_running = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+      time.sleep(0.05)
+  thread.join()
+  # A runner ended with its run would leave this much on disk.
+  assert written_while_running is not None and written_while_running > 0
+  returncode, first = result["returned"]
+  assert returncode == 0 and first >= 1.5
+
+  with open(tmp_path / "train.log", "a") as log:
+    returncode, total = runner_lib.run_timed(
+        [sys.executable, "-c", "raise SystemExit(3)"], log, wall_path)
+  assert returncode == 3 and first < total < first + 30
+  with open(wall_path) as f:
+    assert json.load(f) == pytest.approx(total, abs=0.1)
