@@ -48,8 +48,11 @@ def projected_hours() -> Dict[int, float]:
   return {row["batch"]: row["hours"] for row in rows}
 
 
-def _minutes(seconds: float) -> str:
-  return f"{seconds / 60:.1f} min"
+def _wall_time(record: dict) -> str:
+  """Minutes, and the number of attempts when interruptions split the run."""
+  attempts = record.get("attempts", 1)
+  return f"{record['wall_seconds'] / 60:.1f} min" + (
+      f" ({attempts} attempts)" if attempts > 1 else "")
 
 
 def _ap(record: dict, key: str = "AP") -> str:
@@ -107,7 +110,7 @@ def _table2(records: Dict[str, dict]) -> List[str]:
                   if r["status"] != "converged") + " | "
         + " / ".join(_ap(r) for r in rows) + " | "
         + " / ".join(_ap(r, "AP50") for r in rows) + " | "
-        + " / ".join(_minutes(r["wall_seconds"]) for r in rows) + " |")
+        + " / ".join(_wall_time(r) for r in rows) + " |")
   return lines
 
 
@@ -126,7 +129,7 @@ def _table3(records: Dict[str, dict]) -> List[str]:
     lines.append(
         f"| {spec['batch']}{beyond} | {bn} | {_realised(record)} | "
         f"{record['schedule']['peak_learning_rate']:g} | {ap} | "
-        f"{_ap(record, 'AP50')} | {_minutes(record['wall_seconds'])} | "
+        f"{_ap(record, 'AP50')} | {_wall_time(record)} | "
         f"{projected} |")
   return lines
 
@@ -142,7 +145,7 @@ def _ablation(records: Dict[str, dict]) -> List[str]:
         f"{'yes' if spec.get('norm_in_heads') else 'no'} | "
         f"{schedule['peak_learning_rate']:g} | {schedule['warmup_steps']} | "
         f"{ap} | {_ap(record, 'AP50')} | "
-        f"{_minutes(record['wall_seconds'])} |")
+        f"{_wall_time(record)} |")
   return lines
 
 
@@ -278,7 +281,7 @@ def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
                 "", _provenance(used) if used else "No run recorded yet."]
     if pretrain and pretrain.get("metrics"):
       text.append(f"Pretrained backbone: AP {_ap(pretrain)} on its own val "
-                  f"split, {_minutes(pretrain['wall_seconds'])}.")
+                  f"split, {_wall_time(pretrain)}.")
     path = os.path.join(output_dir, f"{study}.md")
     with open(path, "w") as f:
       f.write("\n".join(text) + "\n")

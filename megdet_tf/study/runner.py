@@ -268,7 +268,7 @@ class StudyRunner:
                    f"--gin_param={p}" for p in self.gin_params]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     with open(os.path.join(run_dir, "train.log"), "a") as log:
-      returncode, wall = run_timed(
+      returncode, timing = run_timed(
           command, log, os.path.join(run_dir, "wall_seconds.json"),
           cwd=self.work_dir, env=env)
     if returncode < 0 or returncode == trainer_lib.EXIT_PREEMPTED:
@@ -277,12 +277,12 @@ class StudyRunner:
       self.log(f"{plan.name}: {how}; it resumes from its checkpoint next "
                "time")
       return None
-    record = self._record(plan, model_dir, returncode, wall, command)
+    record = self._record(plan, model_dir, returncode, timing, command)
     self._write_record(record)
     return record
 
   def _record(self, plan: Plan, model_dir: str, returncode: int,
-              wall: float, command: List[str]) -> dict:
+              timing: dict, command: List[str]) -> dict:
     scalars = read_scalars(model_dir)
     evals = scalars.get("eval/AP", {})
     per_epoch = plan.schedule["steps_per_epoch"]
@@ -290,7 +290,8 @@ class StudyRunner:
         name=plan.name, spec=dataclasses.asdict(plan.run) if plan.run else None,
         realisation=plan.realisation, schedule=plan.schedule,
         gin_config=plan.gin_text, gin_params=self.gin_params,
-        command=" ".join(command[1:]), wall_seconds=round(wall, 1),
+        command=" ".join(command[1:]), wall_seconds=timing["seconds"],
+        attempts=timing["attempts"],
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=f"{_cpu_name()}, {os.cpu_count()} cores",
         returncode=returncode, **code_version(),
@@ -318,35 +319,38 @@ class StudyRunner:
 
 
 def run_timed(command: Sequence[str], log: IO[str], wall_path: str,
-              tick_seconds: float = 30.0, **popen_args) -> Tuple[int, float]:
-  """Runs `command`, adding its wall time to the JSON number at `wall_path`.
+              tick_seconds: float = 10.0, **popen_args) -> Tuple[int, dict]:
+  """Runs `command` as one more attempt of a run timed at `wall_path`.
 
-  The total is rewritten every `tick_seconds` while the command runs, not
-  only at its end, so an attempt ended together with this process (a
-  session's end, a preemption) still counts, to within a tick. Returns the
-  command's exit code and the total.
+  `wall_path` holds the run's `seconds` and `attempts` so far; it is
+  rewritten when the command starts and every `tick_seconds` while it runs,
+  not only at its end, so an attempt ended together with this process (a
+  session's end, a preemption) still counts, its time to within a tick.
+  Returns the command's exit code and the run's totals.
   """
-  before = 0.0
+  before = {"seconds": 0.0, "attempts": 0}
   if os.path.exists(wall_path):
     with open(wall_path) as f:
       before = json.load(f)
   start = time.time()
 
-  def write_total() -> float:
-    total = before + time.time() - start
+  def write_totals() -> dict:
+    totals = {"seconds": round(before["seconds"] + time.time() - start, 1),
+              "attempts": before["attempts"] + 1}
     with open(wall_path + ".tmp", "w") as f:
-      json.dump(round(total, 1), f)
+      json.dump(totals, f)
     os.replace(wall_path + ".tmp", wall_path)
-    return total
+    return totals
 
   process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                              **popen_args)
+  write_totals()
   while True:
     try:
       returncode = process.wait(timeout=tick_seconds)
-      return returncode, write_total()
+      return returncode, write_totals()
     except subprocess.TimeoutExpired:
-      write_total()
+      write_totals()
 
 
 def _clock(seconds: float) -> str:

@@ -8,7 +8,7 @@ from megdet_tf.study import grid
 from megdet_tf.study import report
 
 
-def _record(run, status="converged", ap=0.5, failed_step=None):
+def _record(run, status="converged", ap=0.5, failed_step=None, attempts=1):
   per_epoch = 4608 // run.batch
   realised = run.realise()
   history = [dict(step=11 * per_epoch, epoch=11.0, AP=ap, AP50=ap + 0.2)]
@@ -17,6 +17,7 @@ def _record(run, status="converged", ap=0.5, failed_step=None):
                                peak_scale=run.peak_scale, seed=run.seed,
                                policy=run.policy),
       realisation=realised, status=status, wall_seconds=600.0,
+      attempts=attempts,
       commit="a" * 40, modified=False, machine="test CPU, 2 cores",
       loss_curve=[[1, 2.0], [per_epoch, 1.0]],
       schedule=dict(steps_per_epoch=per_epoch, total_steps=11 * per_epoch,
@@ -37,7 +38,7 @@ def output_dir(tmp_path):
       _record(grid.Run(16, 0), ap=0.40),
       _record(grid.Run(64, 0, seed=0), "failed", failed_step=40),
       _record(grid.Run(64, 0, seed=1), ap=0.30),
-      _record(grid.Run(16, 8), ap=0.45),
+      _record(grid.Run(16, 8), ap=0.45, attempts=3),  # Resumed twice.
       _record(grid.Run(256, 32), ap=0.47),
   ]
   os.makedirs(tmp_path / "records")
@@ -56,7 +57,8 @@ def test_tables_show_outcomes_seeds_and_realisations(output_dir):
           "failed at step 40 of 792 | – / 0.300 |") in table2
   assert "| 16 | linearly scaled | 0.02 | 144 | 0 | 1/1 converged |" in table2
   table3 = (output_dir / "table3.md").read_text()
-  assert "| 16 | 8 | 8 x 2, groups of 4 | 0.02 | 0.450 | 0.650 |" in table3
+  assert ("| 16 | 8 | 8 x 2, groups of 4 | 0.02 | 0.450 | 0.650 | "
+          "10.0 min (3 attempts) |") in table3
   assert "| 256 | 32 | 8 x 32, groups of 1 | 0.32 | 0.470 |" in table3
   hours = report.projected_hours()  # benchmarks/results.json's model.
   assert f"| 10.0 min | {hours[256]:.1f} h on 128 GPUs |" in table3

@@ -106,6 +106,7 @@ def test_grid_trains_resumes_records_and_reports(tmp_path):
     assert record["eval_history"][-1]["step"] == (
         record["schedule"]["total_steps"])
     assert len(record["commit"]) == 40 and record["wall_seconds"] > 0
+    assert record["attempts"] == (2 if name == interrupted else 1)
   assert found[interrupted]["eval_history"][-1]["step"] == 22
   long = found["bs16_bn16_long_heads_s0"]
   assert [e["epoch"] for e in long["eval_history"]] == list(range(1, 19))
