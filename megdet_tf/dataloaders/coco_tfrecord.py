@@ -132,18 +132,39 @@ def load_annotations(path: str) -> Dict[str, Any]:
   return data
 
 
+def _objects(data: Dict[str, Any], key: str, path: str):
+  """(index, entry) of `data[key]`, each checked to be a JSON object."""
+  for i, entry in enumerate(data[key]):
+    if not isinstance(entry, dict):
+      raise ValueError(
+          f"COCO annotations file {path}: {key}[{i}] is {entry!r}, not an "
+          "object; expected the COCO instances format")
+    yield i, entry
+
+
+def _id_field(record: Mapping[str, Any], key: str, what: str,
+              path: str) -> int:
+  """`record[key]` as an integer id, or a ValueError naming file and field."""
+  value = required_field(record, key, what, path)
+  if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+      isinstance(value, str) and not value.strip().isdigit()):
+    raise ValueError(f"COCO annotations file {path}: {what} has {key} "
+                     f"{value!r}; expected an integer id")
+  return int(value)
+
+
 def index_annotations(data: Dict[str, Any], path: str):
   """Groups annotations by image; rejects ids the file does not declare.
 
   Returns the images, {image id: its annotations} and {category id: name}.
   """
   category_names = {}
-  for category in data["categories"]:
-    category_id = int(required_field(category, "id", "a category", path))
+  for _, category in _objects(data, "categories", path):
+    category_id = _id_field(category, "id", "a category", path)
     category_names[category_id] = str(category.get("name", ""))
   images = {}
-  for image in data["images"]:
-    image_id = int(required_field(image, "id", "an image", path))
+  for _, image in _objects(data, "images", path):
+    image_id = _id_field(image, "id", "an image", path)
     what = f"image {image_id}"
     for key in ("file_name", "height", "width"):
       required_field(image, key, what, path)
@@ -152,12 +173,14 @@ def index_annotations(data: Dict[str, Any], path: str):
                        "appears twice in 'images'")
     images[image_id] = image
   by_image = collections.defaultdict(list)
-  for i, ann in enumerate(data["annotations"]):
+  for i, ann in _objects(data, "annotations", path):
     what = f"annotation {ann.get('id', f'#{i}')}"
-    image_id = int(required_field(ann, "image_id", what, path))
-    category_id = int(required_field(ann, "category_id", what, path))
+    image_id = _id_field(ann, "image_id", what, path)
+    category_id = _id_field(ann, "category_id", what, path)
     bbox = required_field(ann, "bbox", what, path)
-    if not isinstance(bbox, list) or len(bbox) != 4:
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool)
+        for v in bbox):
       raise ValueError(f"COCO annotations file {path}: {what} has bbox "
                        f"{bbox!r}; expected [x, y, width, height]")
     if image_id not in images:

@@ -172,16 +172,34 @@ def test_invalid_annotations_file(tmp_path, content, message):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("category_id", 2, "annotation 100 has category_id 2"),
+    ("category_id", 2, "annotation 100 has category_id 2,"),
     ("image_id", 99, "annotation 100 refers to image id 99"),
+    ("category_id", "cat", "annotation 100 has category_id 'cat'; expected "
+     "an integer id"),
+    ("image_id", None, "annotation 100 has image_id None; expected"),
+    ("bbox", [0, 0, "4", 4], r"annotation 100 has bbox \[0, 0, '4', 4\]"),
 ])
-def test_unknown_ids_in_annotations(tmp_path, field, value, message):
+def test_bad_fields_in_annotations(tmp_path, field, value, message):
   image_dir, path = _write_coco(str(tmp_path), _IMAGES[:1], None)
   with open(path) as f:
     coco = json.load(f)
   coco["annotations"][0][field] = value
   with open(path, "w") as f:
     json.dump(coco, f)
+  with pytest.raises(ValueError, match=message):
+    coco_tfrecord.convert_coco(image_dir, path, str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("key", ["images", "categories", "annotations"])
+def test_entry_that_is_not_an_object(tmp_path, key):
+  image_dir, path = _write_coco(str(tmp_path), _IMAGES[:1], None)
+  with open(path) as f:
+    coco = json.load(f)
+  coco[key].append([1, 2])
+  with open(path, "w") as f:
+    json.dump(coco, f)
+  index = len(coco[key]) - 1
+  message = rf"{path}: {key}\[{index}\] is \[1, 2\], not an object"
   with pytest.raises(ValueError, match=message):
     coco_tfrecord.convert_coco(image_dir, path, str(tmp_path / "o"))
 
