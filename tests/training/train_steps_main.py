@@ -24,10 +24,10 @@ def main(model_dir, steps, gin_params):
   trainer = experiment.build_trainer(model_dir)
   losses = [trainer.train(max_steps=step)["total_loss"]
             for step in range(1, steps + 1)]
-  replica_diff = max(
-      float(np.max(np.abs(value.numpy() - v.values[0].numpy())))
-      for v in trainer.model.trainable_variables
-      for value in getattr(v, "values", (v,)))
+  copies = [getattr(v, "values", (v,))  # One copy without a mirror.
+            for v in trainer.model.trainable_variables]
+  replica_diff = max(float(np.max(np.abs(value.numpy() - values[0].numpy())))
+                     for values in copies for value in values)
   checksum = float(sum(np.sum(np.abs(v.numpy()))
                        for v in trainer.model.trainable_variables))
   norms = [layer for layer in trainer.model.submodules
