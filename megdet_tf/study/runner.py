@@ -166,6 +166,13 @@ class StudyRunner:
   def model_dir(self, name: str) -> str:
     return os.path.join(self.run_dir(name), "model")
 
+  def images_to_train(self, plan: Plan) -> int:
+    """Images the run has still to train: all but its checkpoint's steps."""
+    latest = tf.train.latest_checkpoint(self.model_dir(plan.name))
+    trained = int(latest.rsplit("-", 1)[1]) if latest else 0
+    schedule = plan.schedule
+    return (schedule["total_steps"] - trained) * schedule["global_batch_size"]
+
   def _gin_text(self, run: Optional[grid.Run]) -> str:
     if run is None:
       return "include 'gin/study/pretrain.gin'\n"
@@ -372,8 +379,7 @@ def train_grid(runner: StudyRunner, runs: Sequence[grid.Run],
   while index < len(plans):
     plan = plans[index]
     index += 1
-    images = [p.schedule["total_steps"] * p.schedule["global_batch_size"]
-              for p in plans[index - 1:]
+    images = [runner.images_to_train(p) for p in plans[index - 1:]
               if (runner.load_record(p.name) or {}).get("status")
               not in FINISHED]
     eta = (_clock(sum(images) * done_seconds / done_images) if done_images

@@ -11,6 +11,7 @@ import time
 
 import gin
 import pytest
+import tensorflow as tf
 
 from megdet_tf.modeling.layers import normalization
 from megdet_tf.study import grid
@@ -62,6 +63,17 @@ def test_gin_file_realises_the_bn_size_and_periods(runner, run):
       "DetectorTrainer.checkpoint_every_steps") == per_epoch
   evaluates = "DetectorTrainer.eval_every_steps" in plan.gin_text
   assert evaluates == run.eval_every_epoch
+
+
+def test_the_eta_counts_only_what_a_resumed_run_has_still_to_train(runner):
+  plan = runner.plan(grid.Run(32, 0))
+  all_images = plan.schedule["total_steps"] * 32
+  assert runner.images_to_train(plan) == all_images
+  checkpoint = tf.train.Checkpoint(step=tf.Variable(0))
+  manager = tf.train.CheckpointManager(
+      checkpoint, runner.model_dir(plan.name), max_to_keep=2)
+  manager.save(checkpoint_number=144)  # The trainer numbers them by step.
+  assert runner.images_to_train(plan) == all_images - 144 * 32
 
 
 def test_extra_bindings_apply_to_every_run_and_the_pretraining(tmp_path):
