@@ -89,9 +89,17 @@ def _rows(records: Dict[str, dict], runs: List[grid.Run]) -> List[dict]:
   return [records[r.name] for r in runs if r.name in records]
 
 
-def _table2(records: Dict[str, dict]) -> List[str]:
-  runs = grid.study_runs("table2") + grid.table2_extra_seeds(
+def _runs_of(study: str, records: Dict[str, dict]) -> List[grid.Run]:
+  """The study's runs; for Table 2, with the extra seeds its records call for."""
+  runs = grid.study_runs(study)
+  if study != "table2":
+    return runs
+  return runs + grid.table2_extra_seeds(
       {n: r["status"] for n, r in records.items()})
+
+
+def _table2(records: Dict[str, dict]) -> List[str]:
+  runs = _runs_of("table2", records)
   by_row = collections.defaultdict(list)
   for record in _rows(records, runs):
     spec = record["spec"]
@@ -188,9 +196,7 @@ def _plot_losses(records: Dict[str, dict], runs: List[grid.Run], ax,
 
 
 def _plot_table2(records: Dict[str, dict], ax):
-  runs = grid.study_runs("table2") + grid.table2_extra_seeds(
-      {n: r["status"] for n, r in records.items()})
-  _plot_losses(records, runs, ax,
+  _plot_losses(records, _runs_of("table2", records), ax,
                "BN frozen: training loss (x = divergence stop)")
 
 
@@ -270,10 +276,7 @@ def write_report(output_dir: str, studies: Sequence[str]) -> List[str]:
   for study in studies:
     table = {"table2": _table2, "table3": _table3, "fig4": _fig4,
              "ablation": _ablation}[study](records)
-    used = [r for r in records.values() if r["spec"] and any(
-        r["name"] == run.name for run in grid.study_runs(study) +
-        grid.table2_extra_seeds({n: x["status"] for n, x in
-                                 records.items()}))]
+    used = _rows(records, _runs_of(study, records))
     pretrain = records.get(runner_lib.PRETRAIN)
     text = [f"# {_TITLES[study]}", "",
             "Made by `tools/study.py` from the run records in `records/`; "

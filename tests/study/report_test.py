@@ -38,6 +38,8 @@ def output_dir(tmp_path):
       _record(grid.Run(16, 0), ap=0.40),
       _record(grid.Run(64, 0, seed=0), "failed", failed_step=40),
       _record(grid.Run(64, 0, seed=1), ap=0.30),
+      # The seeds disagree, so the grid added seed 2: Table 2's alone.
+      _record(grid.Run(64, 0, seed=2), "failed", failed_step=30),
       _record(grid.Run(16, 8), ap=0.45, attempts=3),  # Resumed twice.
       _record(grid.Run(256, 32), ap=0.47),
   ]
@@ -53,8 +55,10 @@ def test_tables_show_outcomes_seeds_and_realisations(output_dir):
   assert sorted(os.path.basename(p) for p in written) == sorted(
       f"{s}.{e}" for s in grid.STUDIES for e in ("md", "png"))
   table2 = (output_dir / "table2.md").read_text()
-  assert ("| 64 | linearly scaled | 0.08 | 36 | 0, 1 | 1/2 converged; seed 0 "
-          "failed at step 40 of 792 | – / 0.300 |") in table2
+  assert ("| 64 | linearly scaled | 0.08 | 36 | 0, 1, 2 | 1/3 converged; "
+          "seed 0 failed at step 40 of 792; seed 2 failed at step 30 of 792 "
+          "| – / 0.300 / – |") in table2
+  assert "Runs: 4, trained at commit" in table2
   assert "| 16 | linearly scaled | 0.02 | 144 | 0 | 1/1 converged |" in table2
   table3 = (output_dir / "table3.md").read_text()
   assert ("| 16 | 8 | 8 x 2, groups of 4 | 0.02 | 0.450 | 0.650 | "
@@ -62,7 +66,8 @@ def test_tables_show_outcomes_seeds_and_realisations(output_dir):
   assert "| 256 | 32 | 8 x 32, groups of 1 | 0.32 | 0.470 |" in table3
   hours = report.projected_hours()  # benchmarks/results.json's model.
   assert f"| 10.0 min | {hours[256]:.1f} h on 128 GPUs |" in table3
-  assert "trained at commit aaaaaaaaaa on test CPU, 2 cores" in table3
+  assert ("Runs: 3, trained at commit aaaaaaaaaa on test CPU, 2 cores"
+          in table3)
   assert "No run recorded yet." in (output_dir / "fig4.md").read_text()
 
 
